@@ -1,0 +1,1 @@
+"""Visualisation: slice viewer, CAM overlays and plots."""
