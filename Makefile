@@ -1,0 +1,33 @@
+# The two commands the README leads with. Both work on a fresh machine with Python >= 3.10 and pip.
+PYTHON ?= python3
+PROFILE ?= cpu
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $@ $(VENV)/.installed-run
+
+## run: the main job on the embedded default (phantom -> validation summary)
+run: $(VENV)/.installed-run
+	$(BIN)/medssl phantom --out data/phantom --profile $(PROFILE)
+	$(BIN)/medssl validate data/phantom/manifest.json
+
+## test: unit tests, then every notebook under nbval at the smoke profile
+test: $(VENV)/.installed-test
+	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests
+	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check medssl_kit tests benchmarks scripts
+	$(BIN)/ruff format --check medssl_kit tests benchmarks scripts

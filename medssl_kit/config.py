@@ -1,0 +1,120 @@
+"""Profiles (smoke / cpu / gpu) and seeding.
+
+A profile fixes the sizes and budgets of every stage so that one switch takes the whole workbench
+from a seconds-long smoke test to the papers' settings. The active profile is the ``--profile``
+argument where a command has one, else the ``MEDSSL_PROFILE`` environment variable, else ``cpu``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+PROFILE_ENV = "MEDSSL_PROFILE"
+DEFAULT_PROFILE = "cpu"
+
+
+@dataclass(frozen=True)
+class PhantomSettings:
+    """Size of the default phantom a profile generates, and its benchmark split (case counts)."""
+
+    cases: int
+    shape: tuple[int, int, int]  # (D, H, W) voxels: axial slices first
+    split: dict[str, int] = field(default_factory=dict)  # pretrain / train / val / test counts
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Budgets of one fine-tuning run (optimizer steps, not epochs)."""
+
+    steps: int
+    batch_size: int
+    val_every: int  # steps between validations (early stopping, model selection)
+    patience: int  # validations without improvement before stopping
+    checkpoint_every: int
+    channels: tuple[int, ...]  # widths of the ``unet`` backbone
+    patch_size: tuple[int, int, int]  # 3D training patches / sliding-window ROI (D, H, W)
+    batch_size_3d: int
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    phantom: PhantomSettings
+    finetune: FinetuneSettings
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        phantom=PhantomSettings(
+            cases=8, shape=(16, 64, 64), split={"pretrain": 3, "train": 2, "val": 1, "test": 2}
+        ),
+        finetune=FinetuneSettings(
+            steps=6,
+            batch_size=4,
+            val_every=3,
+            patience=2,
+            checkpoint_every=3,
+            channels=(8, 16, 32),
+            patch_size=(16, 32, 32),
+            batch_size_3d=2,
+        ),
+    ),
+    "cpu": Profile(
+        name="cpu",
+        phantom=PhantomSettings(
+            cases=40, shape=(48, 128, 128), split={"pretrain": 20, "train": 8, "val": 4, "test": 8}
+        ),
+        finetune=FinetuneSettings(
+            steps=600,
+            batch_size=8,
+            val_every=50,
+            patience=4,
+            checkpoint_every=50,
+            channels=(16, 32, 64, 128),
+            patch_size=(32, 64, 64),
+            batch_size_3d=2,
+        ),
+    ),
+    "gpu": Profile(
+        name="gpu",
+        phantom=PhantomSettings(
+            cases=120,
+            shape=(96, 256, 256),
+            split={"pretrain": 80, "train": 20, "val": 5, "test": 15},
+        ),
+        finetune=FinetuneSettings(
+            steps=5000,
+            batch_size=8,
+            val_every=250,
+            patience=6,
+            checkpoint_every=250,
+            channels=(32, 64, 128, 256, 512),
+            patch_size=(64, 128, 128),
+            batch_size_3d=2,
+        ),
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the named profile, or the one ``MEDSSL_PROFILE`` selects (default ``cpu``)."""
+    name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile '{name}'; choose one of {sorted(PROFILES)}") from None
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Training: the pre-training loop, fine-tuning and probing, checkpoints."""
