@@ -1,0 +1,138 @@
+"""What every backbone shares: the feature contract, MC-dropout control, and small helpers.
+
+Every backbone of the family (§3.1) is an ``nn.Module`` whose ``forward(x)`` returns logits and
+whose ``forward_features(x)`` returns a :class:`BackboneFeatures`:
+
+- ``encoder``: the encoder's feature maps, highest resolution first, bottleneck last;
+- ``decoder``: the decoder's (or top-down pathway's) feature maps, lowest resolution first, full
+  resolution last;
+- ``output``: the logits, identical to ``forward(x)``.
+
+Every backbone also carries ``name``, ``config`` (the arguments that rebuild it through
+``build_backbone(**config)``), ``spatial_dims``, ``in_channels``, ``out_channels``,
+``encoder_channels``, ``decoder_channels`` and ``encoder_prefixes`` (the ``state_dict`` key
+prefixes that make up "the encoder", the part most methods transfer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORMS = ("batch", "instance", "group")
+
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass
+class BackboneFeatures:
+    """The feature maps of one forward pass (all tensors are ``[B, C, *spatial]``).
+
+    ``encoder`` runs from the highest resolution to the bottleneck, ``decoder`` from the lowest
+    resolution to full resolution, ``output`` holds the logits.
+    """
+
+    encoder: list[Tensor]
+    decoder: list[Tensor]
+    output: Tensor
+
+
+class BackboneMixin:
+    """Helpers shared by the backbones; mixed into ``nn.Module`` subclasses.
+
+    Subclasses set ``name``, ``encoder_prefixes`` and ``decoder_prefixes`` (``state_dict`` key
+    prefixes) and the attributes listed in the module docstring.
+    """
+
+    name: ClassVar[str]
+    encoder_prefixes: ClassVar[tuple[str, ...]]
+    decoder_prefixes: ClassVar[tuple[str, ...]]
+    config: dict[str, Any]
+
+    @property
+    def dropout_layers(self) -> list[nn.Module]:
+        """The dropout modules of the decoder, in registration order (empty without dropout).
+
+        These are what Monte-Carlo dropout switches on (Gal & Ghahramani; the pixel-global
+        paper's uncertainty map, eq. 6). The encoder never holds dropout.
+        """
+        return [
+            module
+            for name, module in self.named_modules()  # type: ignore[attr-defined]
+            if isinstance(module, _DROPOUT_TYPES) and name.startswith(self.decoder_prefixes)
+        ]
+
+    def set_mc_dropout(self, active: bool) -> None:
+        """Switch the decoder's dropout on (``True``) or off without touching any other layer.
+
+        Call it *after* ``.eval()`` (which switches dropout off again): the usual MC-dropout
+        recipe is ``net.eval(); net.set_mc_dropout(True)`` so that normalisation layers use
+        their running statistics while dropout keeps sampling masks.
+        """
+        for module in self.dropout_layers:
+            module.train(active)
+
+    def encoder_state_dict(self) -> dict[str, Tensor]:
+        """The ``state_dict`` entries whose keys start with one of ``encoder_prefixes``."""
+        state = self.state_dict()  # type: ignore[attr-defined]
+        return {k: v for k, v in state.items() if k.startswith(self.encoder_prefixes)}
+
+
+def monai_norm(norm: str, groups: int = 8) -> str | tuple[str, dict[str, Any]]:
+    """Translate a norm name (``"batch"``, ``"instance"``, ``"group"``) into MONAI's norm argument.
+
+    Instance norm gets learnable affine parameters (as in MONAI's ``BasicUNet``); group norm uses
+    ``groups`` groups.
+    """
+    if norm == "batch":
+        return "batch"
+    if norm == "instance":
+        return ("instance", {"affine": True})
+    if norm == "group":
+        return ("group", {"num_groups": groups})
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def check_group_norm(norm: str, groups: int, channels: Sequence[int]) -> None:
+    """Raise ``ValueError`` when group norm cannot split every width in ``channels`` evenly."""
+    if norm != "group":
+        return
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(
+            f"group norm with {groups} groups needs widths divisible by {groups}; "
+            f"got {list(bad)} (change channels or norm_groups)"
+        )
+
+
+def check_input(x: Tensor, spatial_dims: int, in_channels: int, min_size: int, who: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, *S]`` with every side >= min_size."""
+    if x.ndim != spatial_dims + 2 or x.shape[1] != in_channels:
+        raise ValueError(
+            f"{who} expects input of shape [B, {in_channels}, {', '.join('S' * spatial_dims)}] "
+            f"({spatial_dims}D), got {list(x.shape)}"
+        )
+    if min(x.shape[2:]) < min_size:
+        raise ValueError(
+            f"{who} needs every spatial side >= {min_size} voxels (one per downsampling), "
+            f"got {list(x.shape[2:])}"
+        )
+
+
+def pad_to_match(x: Tensor, shape: Sequence[int]) -> Tensor:
+    """Pad ``x`` at the high end of each spatial axis (replicate) up to ``shape``.
+
+    After a 2× downsampling that floored an odd side, 2× upsampling comes back one voxel short;
+    this restores the size of the matching encoder level, as MONAI's ``UpCat`` does.
+    """
+    missing = [int(s) - int(c) for s, c in zip(shape, x.shape[2:], strict=True)]
+    if not any(missing):
+        return x
+    pad: list[int] = []
+    for m in reversed(missing):  # F.pad lists the last axis first
+        pad += [0, m]
+    return F.pad(x, pad, mode="replicate")

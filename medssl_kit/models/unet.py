@@ -1,0 +1,267 @@
+"""Our UNet (2D and 3D) with switchable skip connections, decoder dropout and exposed pyramids.
+
+One class serves pixel_global, pcrlv2, ssmtl, models_genesis and fine-tuning (DESIGN §3.1).
+
+Structure (``n = len(channels)`` levels, built from MONAI ``Convolution`` and ``UpSample`` blocks;
+every ``Convolution`` is conv3×3 → norm → [dropout] → activation):
+
+- ``encoder[0]``: two convolutions at full resolution, ``in_channels → channels[0]``;
+- ``encoder[i]`` (``i ≥ 1``): 2× max-pooling, then two convolutions ``channels[i-1] → channels[i]``;
+  ``encoder[-1]`` is the bottleneck (downsampling factor ``2**(n-1)``);
+- ``decoder[j]`` (``j = 0 … n-2``, deepest first): 2× transposed convolution (kernel 2, stride 2)
+  that halves the width (the top block keeps it), optional concatenation with the encoder
+  feature of the same resolution (the skip), then two convolutions — with dropout when
+  ``dropout > 0``; ``decoder[-1]`` is at full resolution with ``channels[0]`` channels;
+- ``head``: a 1×1 convolution to ``out_channels`` (the logits).
+
+``skips=False`` is PCRLv2's non-skip UNet (nsUNet, PCRLv2 §3.1, eq. 1): every decoder block sees
+only the upsampled deeper feature — no concatenation and no addition from the encoder anywhere —
+so pixel restoration cannot short-cut through high-resolution encoder features.
+
+With ``skips=True`` and five levels the module tree is, key for key, MONAI's ``BasicUNet``
+(``encoder.0 ↔ conv_0``, ``encoder.i ↔ down_i``, ``decoder.j ↔ upcat_{4-j}``,
+``head ↔ final_conv``); :func:`medssl_kit.models.export.to_monai` relies on this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.networks.blocks import Convolution, UpSample
+from monai.networks.layers.factories import Conv, Pool
+from torch import Tensor, nn
+
+from medssl_kit.models.base import (
+    BackboneFeatures,
+    BackboneMixin,
+    check_group_norm,
+    check_input,
+    monai_norm,
+    pad_to_match,
+)
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3×3 ``Convolution`` blocks (conv → norm → [dropout] → act), ``conv_0`` and ``conv_1``."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        act: str | tuple,
+        norm: str | tuple,
+        dropout: float | None,
+    ) -> None:
+        super().__init__()
+        for i, c_in in enumerate((in_channels, out_channels)):
+            conv = Convolution(
+                spatial_dims,
+                c_in,
+                out_channels,
+                act=act,
+                norm=norm,
+                dropout=dropout,
+                bias=True,
+                padding=1,
+            )
+            self.add_module(f"conv_{i}", conv)
+
+
+class DownBlock(nn.Sequential):
+    """2× max-pooling then :class:`DoubleConv` (keys ``max_pooling``, ``convs``)."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        act: str | tuple,
+        norm: str | tuple,
+    ) -> None:
+        super().__init__()
+        self.add_module("max_pooling", Pool["MAX", spatial_dims](kernel_size=2))
+        self.add_module(
+            "convs", DoubleConv(spatial_dims, in_channels, out_channels, act, norm, dropout=None)
+        )
+
+
+class UpBlock(nn.Module):
+    """2× transposed-conv upsampling, optional skip concatenation, then :class:`DoubleConv`.
+
+    ``skip_channels=0`` builds the non-skip block: its convolutions take only the upsampled
+    feature. The upsampled map is padded (replicate, high end) to the encoder level's size when
+    max-pooling floored an odd side.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        act: str | tuple,
+        norm: str | tuple,
+        dropout: float | None,
+        halves: bool,
+    ) -> None:
+        super().__init__()
+        up_channels = in_channels // 2 if halves else in_channels
+        self.upsample = UpSample(spatial_dims, in_channels, up_channels, 2, mode="deconv")
+        self.convs = DoubleConv(
+            spatial_dims, skip_channels + up_channels, out_channels, act, norm, dropout
+        )
+        self.has_skip = skip_channels > 0
+
+    def forward(self, x: Tensor, skip: Tensor | None, size: Sequence[int]) -> Tensor:
+        """Upsample ``x`` to ``size`` (spatial), concatenate ``[skip, up]`` when skips are on."""
+        up = pad_to_match(self.upsample(x), size)
+        if self.has_skip:
+            if skip is None:
+                raise ValueError("this decoder block has a skip connection and needs its feature")
+            return self.convs(torch.cat([skip, up], dim=1))
+        return self.convs(up)
+
+
+class UNet(BackboneMixin, nn.Module):
+    """UNet for 2D/3D with switchable skips, decoder-only dropout and exposed feature pyramids.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: logits channels of ``head``.
+        channels: width per level, highest resolution first; the depth is ``len(channels)``
+            (≥ 2). The default five levels are the shape MONAI's ``BasicUNet`` has, so the
+            weights export to it (§5.5); for 2D 128² inputs the bottleneck is 8².
+        skips: ``False`` builds PCRLv2's non-skip UNet (no encoder → decoder path at all).
+        norm: ``"batch"``, ``"instance"`` (affine) or ``"group"`` (``norm_groups`` groups).
+        norm_groups: groups for group norm; every width must be divisible by it.
+        act: MONAI activation name or ``(name, kwargs)``, e.g. ``("leakyrelu",
+            {"negative_slope": 0.1})``.
+        dropout: element-wise dropout probability inside every decoder convolution (after the
+            norm, before the activation); ``0`` puts no dropout module anywhere. Used for MC
+            dropout (see :attr:`dropout_layers`, :meth:`set_mc_dropout`).
+
+    Inputs may have any spatial size with every side ≥ ``2**(len(channels)-1)``; the output
+    has the input's size.
+    """
+
+    name = "unet"
+    encoder_prefixes = ("encoder.",)
+    decoder_prefixes = ("decoder.",)
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        *,
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        skips: bool = True,
+        norm: str = "batch",
+        norm_groups: int = 8,
+        act: str | tuple = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        channels = [int(c) for c in channels]
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(channels) < 2:
+            raise ValueError(f"channels needs at least two levels, got {channels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_group_norm(norm, norm_groups, channels)
+        norm_arg = monai_norm(norm, norm_groups)
+        self.config: dict[str, Any] = {
+            "name": self.name,
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "channels": channels,
+            "skips": skips,
+            "norm": norm,
+            "norm_groups": norm_groups,
+            "act": act,
+            "dropout": dropout,
+        }
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.skips = skips
+        n = len(channels)
+        self.encoder_channels = list(channels)
+        self.decoder_channels = [channels[i] for i in range(n - 2, -1, -1)]
+
+        levels: list[nn.Module] = [
+            DoubleConv(spatial_dims, in_channels, channels[0], act, norm_arg, dropout=None)
+        ]
+        levels += [
+            DownBlock(spatial_dims, channels[i - 1], channels[i], act, norm_arg)
+            for i in range(1, n)
+        ]
+        self.encoder = nn.ModuleList(levels)
+
+        drop = dropout if dropout > 0 else None
+        blocks = []
+        for level in range(n - 2, -1, -1):  # deepest decoder block first
+            blocks.append(
+                UpBlock(
+                    spatial_dims,
+                    in_channels=channels[level + 1],
+                    skip_channels=channels[level] if skips else 0,
+                    out_channels=channels[level],
+                    act=act,
+                    norm=norm_arg,
+                    dropout=drop,
+                    halves=level > 0,
+                )
+            )
+        self.decoder = nn.ModuleList(blocks)
+        self.head = Conv["conv", spatial_dims](channels[0], out_channels, kernel_size=1)
+
+    @property
+    def n_levels(self) -> int:
+        """Number of resolution levels (encoder blocks); the depth of the UNet."""
+        return len(self.encoder)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """Encoder features, full resolution first, bottleneck (``2**(n-1)``× smaller) last."""
+        check_input(x, self.spatial_dims, self.in_channels, 2 ** (self.n_levels - 1), "unet")
+        feats = []
+        for level in self.encoder:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+    def decode(self, encoder_feats: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Run the decoder and head on the encoder's features.
+
+        Returns the decoder features (lowest resolution first, full resolution last) and the
+        logits. With ``skips=False`` only ``encoder_feats[-1]`` is read (the other entries give
+        nothing but their spatial sizes). The encoder can thus run once and the dropout-bearing
+        decoder many times (MC dropout), e.g. on the features repeated along the batch axis.
+        """
+        if len(encoder_feats) != self.n_levels:
+            raise ValueError(
+                f"decode() needs {self.n_levels} encoder features, got {len(encoder_feats)}"
+            )
+        x = encoder_feats[-1]
+        decoded = []
+        for j, block in enumerate(self.decoder):
+            ref = encoder_feats[self.n_levels - 2 - j]
+            x = block(x, ref if self.skips else None, ref.shape[2:])
+            decoded.append(x)
+        return decoded, self.head(x)
+
+    def forward_features(self, x: Tensor) -> BackboneFeatures:
+        """Encoder features, decoder features and logits of one pass (see :meth:`decode`)."""
+        encoded = self.encode(x)
+        decoded, logits = self.decode(encoded)
+        return BackboneFeatures(encoder=encoded, decoder=decoded, output=logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, out_channels, *spatial]`` at the input's resolution."""
+        return self.decode(self.encode(x))[1]
