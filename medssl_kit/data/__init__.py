@@ -1,0 +1,1 @@
+"""Data layer: the phantom, manifests, reading, datasets and view sampling."""
