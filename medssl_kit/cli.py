@@ -1,0 +1,298 @@
+"""The ``medssl`` command line (§8), thin: each subcommand parses arguments, calls the package.
+
+Exit codes:
+
+* 0 — success (for ``validate``: the manifest and every case are fine);
+* 1 — bad input: a manifest or case problem (every :class:`~medssl_kit.errors.MedsslError`),
+  an I/O error, or ``validate`` finding problems; each problem is printed on stderr as one line
+  ``medssl: error: <message>``, never as a traceback;
+* 2 — usage error: unknown command, missing or malformed arguments (argparse's convention);
+* 130 — interrupted (Ctrl-C).
+
+A subcommand is a pair of small functions: ``_add_<name>(subparsers)`` declares its arguments and
+sets ``handler=_run_<name>``, which takes the parsed arguments and returns the exit code. Register
+a new one in ``_SUBCOMMANDS``. Heavy imports (torch, MONAI) happen inside the handlers, so
+``medssl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from medssl_kit import __version__
+from medssl_kit.config import PROFILES, get_profile
+from medssl_kit.errors import MedsslError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(MedsslError):
+    """A command-line argument the command cannot use (exit code 2)."""
+
+
+def _error(message: object) -> None:
+    """Print one line ``medssl: error: <message>`` on stderr."""
+    print(f"medssl: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _report(err: MedsslError) -> None:
+    """Print every problem an error stands for, one line each."""
+    for problem in getattr(err, "problems", None) or [err]:
+        _error(problem)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# phantom
+
+
+def _add_phantom(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "phantom",
+        help="generate the procedural abdominal CT/MRI phantom and its manifest",
+        description="Write NIfTI images and labels of the phantom (§2.1) and DIR/manifest.json. "
+        "Defaults for --cases, --shape and the split come from the profile.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--cases", type=_positive_int, metavar="N", help="number of cases")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="random seed")
+    p.add_argument(
+        "--shape", type=_positive_int, nargs=3, metavar=("D", "H", "W"), help="volume size, voxels"
+    )
+    p.add_argument(
+        "--spacing",
+        type=_positive_float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="voxel spacing in mm (default: the generator's, varying between cases)",
+    )
+    p.add_argument("--modality", choices=("ct", "mri"), default="ct")
+    p.add_argument(
+        "--sources",
+        metavar="A,B,C",
+        help="make partially labelled sources (A: liver+lesion, B: kidneys, C: spleen+aorta)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        help="profile for the defaults (default: $MEDSSL_PROFILE, else cpu)",
+    )
+    p.add_argument("--workers", type=_positive_int, default=2, metavar="W", help="processes")
+    p.set_defaults(handler=_run_phantom)
+
+
+def _run_phantom(args: argparse.Namespace) -> int:
+    from medssl_kit.data.phantom import make_phantom
+
+    settings = get_profile(args.profile).phantom
+    cases = args.cases if args.cases is not None else settings.cases
+    shape = tuple(args.shape) if args.shape is not None else settings.shape
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
+    # The profile's split counts apply to its own case count; otherwise the generator scales them.
+    split = dict(settings.split) if cases == settings.cases else None
+    started = time.perf_counter()
+    try:
+        manifest = make_phantom(
+            args.out,
+            cases=cases,
+            seed=args.seed,
+            shape=shape,
+            spacing=None if args.spacing is None else tuple(args.spacing),
+            modality=args.modality,
+            sources=sources,
+            split=split,
+            workers=args.workers,
+        )
+    except ValueError as err:  # the generator rejects arguments it cannot honour
+        raise UsageError(str(err)) from err
+    elapsed = time.perf_counter() - started
+    print(
+        f"wrote {cases} phantom cases to {manifest.parent} (manifest {manifest}) in {elapsed:.1f} s"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# validate
+
+
+def _splits_arg(text: str) -> tuple[str, ...]:
+    from medssl_kit.data.manifest import SPLITS
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip() and s.strip() != "none")
+    unknown = [s for s in names if s not in SPLITS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}"
+        )
+    return names
+
+
+def _add_validate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "validate",
+        help="check a manifest and every case it lists; print a summary table",
+        description="Read every case of the manifest and check it (§2.6). Prints a summary "
+        "table; exits 0 only when all is well, else prints each problem on one line and exits 1. "
+        "Nothing is written.",
+    )
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest file (or a folder holding one)")
+    p.add_argument(
+        "--patch-size",
+        type=_positive_int,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        help="also require every volume to be at least this large (z, y, x voxels)",
+    )
+    p.add_argument(
+        "--require-splits",
+        type=_splits_arg,
+        default=("train", "test"),
+        metavar="S1,S2",
+        help="splits that must have cases (default: train,test; 'none' for none)",
+    )
+    p.set_defaults(handler=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from medssl_kit.data.manifest import load_manifest, validate_manifest
+
+    manifest = load_manifest(args.manifest)
+    report = validate_manifest(
+        manifest, patch_size=args.patch_size, splits_required=args.require_splits
+    )
+    print(report.summary_table())
+    if report.ok:
+        return EXIT_OK
+    for problem in report.problems:
+        _error(problem)
+    return EXIT_FAILED
+
+
+# --------------------------------------------------------------------------------------------
+# import-msd
+
+
+def _add_import_msd(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import-msd",
+        help="write a manifest for a Medical Segmentation Decathlon task folder",
+        description="Convert a Medical Segmentation Decathlon task folder (dataset.json, "
+        "imagesTr, labelsTr, imagesTs) into a manifest with a seeded pretrain/train/val/test "
+        "split (50/20/10/20 %% of the labelled cases; imagesTs become unlabelled pretrain "
+        "cases). The task folder is only read.",
+    )
+    p.add_argument("task_dir", metavar="TASK_DIR", help="the task folder, e.g. Task02_Heart")
+    p.add_argument("--out", required=True, metavar="MANIFEST", help="manifest file to write")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="split seed")
+    p.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=(-200.0, 300.0),
+        metavar=("LO", "HI"),
+        help="CT intensity window in HU (default: -200 300)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing MANIFEST")
+    p.set_defaults(handler=_run_import_msd)
+
+
+def _run_import_msd(args: argparse.Namespace) -> int:
+    from medssl_kit.data.manifest import SPLITS, import_msd, load_manifest
+
+    if args.window[0] >= args.window[1]:
+        raise UsageError(f"--window needs LO < HI, got {args.window[0]:g} {args.window[1]:g}")
+    path = import_msd(
+        args.task_dir,
+        args.out,
+        seed=args.seed,
+        window=tuple(args.window),
+        overwrite=args.overwrite,
+    )
+    manifest = load_manifest(path)
+    counts = ", ".join(f"{s} {len(manifest.split(s))}" for s in SPLITS)
+    print(f"wrote {path}: {len(manifest.cases)} cases ({counts})")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_phantom,
+    _add_validate,
+    _add_import_msd,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medssl`` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="medssl",
+        description="medssl_kit: dense self-supervised pre-training on medical images.",
+        epilog="Exit codes: 0 success, 1 bad input or failed validation, 2 usage error.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``medssl`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help / --version (0) and usage errors (2)
+        if exit_.code is None:
+            return EXIT_OK
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except UsageError as err:
+        _error(err)
+        return EXIT_USAGE
+    except MedsslError as err:
+        _report(err)
+        return EXIT_FAILED
+    except OSError as err:
+        _error(err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED

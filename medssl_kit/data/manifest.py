@@ -1,0 +1,1004 @@
+"""Data manifests: schema, loading, validation, Medical Segmentation Decathlon import (§2.2, §2.6).
+
+A manifest is a JSON file that lists the cases of a dataset (image, optional label, split, optional
+source) and says how to read them (modality, intensity window, labels). The schema is documented in
+``data_manifests/README.md``; :func:`load_manifest` enforces it and :func:`validate_manifest` reads
+every case and reports *all* problems it finds, each naming the case id and the file concerned.
+
+Nothing here writes to a user's data: validation only reads, and :func:`import_msd` only reads the
+task folder and writes the one new manifest file it is asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medssl_kit.errors import ManifestError
+
+SPLITS: tuple[str, ...] = ("pretrain", "train", "val", "test")
+MODALITIES: tuple[str, ...] = ("CT", "MR")
+DEFAULT_IGNORE_INDEX = 255
+DEFAULT_CT_WINDOW: tuple[float, float] = (-200.0, 300.0)  # HU, abdominal soft-tissue window
+DEFAULT_MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+DEFAULT_REQUIRED_SPLITS: tuple[str, ...] = ("train", "test")
+MSD_SPLIT_FRACTIONS: dict[str, float] = {"pretrain": 0.5, "train": 0.2, "val": 0.1, "test": 0.2}
+MANIFEST_FILENAME = "manifest.json"
+
+_TOP_KEYS = (
+    "name",
+    "description",
+    "modality",
+    "channels",
+    "base_dir",
+    "labels",
+    "ignore_index",
+    "intensity",
+    "target_spacing",
+    "sources",
+    "generator",
+    "cases",
+)
+_REQUIRED_TOP_KEYS = ("name", "modality", "labels", "cases")
+_CASE_KEYS = ("id", "image", "label", "split", "source")
+_REQUIRED_CASE_KEYS = ("id", "image", "split")
+
+
+class ManifestProblems(ManifestError):
+    """Several problems found at once; ``problems`` holds one :class:`ManifestError` each.
+
+    The message joins them with ``"; "``; the CLI prints them one per line.
+    """
+
+    def __init__(self, problems: Sequence[ManifestError]):
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} problems: " + "; ".join(map(str, self.problems)))
+
+
+def raise_problems(problems: Sequence[ManifestError]) -> None:
+    """Raise nothing, the single problem, or a :class:`ManifestProblems` holding all of them."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ManifestProblems(problems)
+
+
+def split_problems(error: ManifestError) -> list[ManifestError]:
+    """The individual problems an error stands for (itself, unless it is a ManifestProblems)."""
+    return list(error.problems) if isinstance(error, ManifestProblems) else [error]
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """How intensities are mapped to [0, 1].
+
+    ``kind == "window"``: clip to [low, high] (Hounsfield units for CT) and scale linearly.
+    ``kind == "percentiles"``: clip to the [low, high] percentiles of each volume (per channel)
+    and scale.
+    """
+
+    kind: str
+    low: float
+    high: float
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """The manifest's JSON form, e.g. ``{"window": [-200, 300]}``."""
+        return {self.kind: [self.low, self.high]}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One manifest entry, with its paths resolved to absolute ones.
+
+    ``image`` and ``label`` are the paths as written in the manifest; ``image_path`` and
+    ``label_path`` are resolved against the manifest's ``base_dir``. A folder as ``image`` is read
+    as a DICOM series. ``label`` is ``None`` for an unlabelled case.
+    """
+
+    id: str
+    image: str
+    split: str
+    image_path: Path
+    label: str | None = None
+    label_path: Path | None = None
+    source: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the case has a label file."""
+        return self.label is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's JSON form of this case (keys that are unset are left out)."""
+        out: dict[str, Any] = {"id": self.id, "image": self.image}
+        if self.label is not None:
+            out["label"] = self.label
+        out["split"] = self.split
+        if self.source is not None:
+            out["source"] = self.source
+        return out
+
+
+@dataclass
+class Manifest:
+    """A parsed, schema-checked manifest (from :func:`load_manifest` or :func:`parse_manifest`).
+
+    ``base_dir`` is absolute; ``base_dir_raw`` is the value as written (for :meth:`to_dict`).
+    ``labels`` maps class index → name (0 is background). ``target_spacing`` is (z, y, x) in mm.
+    ``sources`` maps a source name to the foreground classes its cases annotate.
+    """
+
+    name: str
+    modality: str
+    base_dir: Path
+    labels: dict[int, str]
+    cases: list[Case]
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    intensity: Intensity = field(default_factory=lambda: Intensity("window", *DEFAULT_CT_WINDOW))
+    target_spacing: tuple[float, float, float] | None = None
+    sources: dict[str, list[int]] | None = None
+    channels: list[str] | None = None
+    generator: dict[str, Any] | None = None
+    description: str | None = None
+    base_dir_raw: str = "."
+    path: Path | None = None
+
+    @property
+    def foreground_classes(self) -> list[int]:
+        """All non-background class indices, sorted."""
+        return sorted(k for k in self.labels if k != 0)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output channels a segmentation head needs (largest class index + 1)."""
+        return max(self.labels) + 1
+
+    @property
+    def num_channels(self) -> int:
+        """Number of image channels every case must have (1 unless ``channels`` is given)."""
+        return len(self.channels) if self.channels else 1
+
+    @property
+    def display_path(self) -> str:
+        """The manifest file's path, or a placeholder for an in-memory manifest."""
+        return str(self.path) if self.path is not None else "<manifest>"
+
+    def split(self, name: str) -> list[Case]:
+        """The cases of one split, in manifest order."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split '{name}'; choose one of {', '.join(SPLITS)}")
+        return [c for c in self.cases if c.split == name]
+
+    def get_case(self, case_id: str) -> Case:
+        """The case with this id."""
+        for case in self.cases:
+            if case.id == case_id:
+                return case
+        raise ManifestError("no such case in this manifest", case_id=case_id, path=self.path)
+
+    def labelled_classes(self, case: Case) -> list[int]:
+        """Foreground classes a case's label annotates: its source's, or all; none if unlabelled."""
+        if case.label is None:
+            return []
+        if case.source is not None and self.sources is not None:
+            return sorted(self.sources[case.source])
+        return self.foreground_classes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's JSON form (``load_manifest`` of it gives back an equal manifest)."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            out["description"] = self.description
+        out["modality"] = self.modality
+        if self.channels is not None:
+            out["channels"] = list(self.channels)
+        out["base_dir"] = self.base_dir_raw
+        out["labels"] = {str(k): v for k, v in sorted(self.labels.items())}
+        out["ignore_index"] = self.ignore_index
+        out["intensity"] = self.intensity.to_dict()
+        if self.target_spacing is not None:
+            out["target_spacing"] = list(self.target_spacing)
+        if self.sources is not None:
+            out["sources"] = {k: list(v) for k, v in self.sources.items()}
+        if self.generator is not None:
+            out["generator"] = self.generator
+        out["cases"] = [c.to_dict() for c in self.cases]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and schema checks
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and schema-check a manifest file (or the ``manifest.json`` inside a folder).
+
+    Raises :class:`ManifestError` (or :class:`ManifestProblems`, listing every schema problem)
+    naming the file, the key and, for case keys, the case id.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / MANIFEST_FILENAME
+    path = Path(os.path.abspath(path))
+    if not path.is_file():
+        raise ManifestError("manifest file does not exist", path=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"cannot read the manifest: {err}", path=path) from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ManifestError(
+            f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}", path=path
+        ) from err
+    return parse_manifest(data, path.parent, path=path)
+
+
+def parse_manifest(
+    data: Any, manifest_dir: str | Path, *, path: str | Path | None = None
+) -> Manifest:
+    """Schema-check a manifest given as a dict; relative ``base_dir`` resolves from manifest_dir."""
+    checker = _SchemaChecker(None if path is None else Path(path))
+    manifest = checker.parse(data, Path(manifest_dir))
+    raise_problems(checker.problems)
+    assert manifest is not None  # no problems ⇒ parse completed
+    return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"the number {value!r}"
+    return names.get(type(value), type(value).__name__)
+
+
+def _unknown_key_message(key: str, allowed: Iterable[str], what: str) -> str:
+    allowed = list(allowed)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown {what} '{key}'{hint}; allowed keys: {', '.join(allowed)}"
+
+
+class _SchemaChecker:
+    """Collects every schema problem of one manifest instead of stopping at the first."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.problems: list[ManifestError] = []
+
+    def error(self, message: str, case_id: str | None = None) -> None:
+        self.problems.append(ManifestError(message, case_id=case_id, path=self.path))
+
+    def parse(self, data: Any, manifest_dir: Path) -> Manifest | None:
+        if not isinstance(data, dict):
+            self.error(f"the manifest must be a JSON object, got {_type_name(data)}")
+            return None
+        for key in data:
+            if key not in _TOP_KEYS:
+                self.error(_unknown_key_message(key, _TOP_KEYS, "top-level key"))
+        for key in _REQUIRED_TOP_KEYS:
+            if key not in data:
+                self.error(f"missing required top-level key '{key}'")
+            elif data[key] is None:
+                self.error(f"required top-level key '{key}' must not be null")
+
+        name = self.string(data, "name")
+        description = self.string(data, "description")
+        modality = self.string(data, "modality")
+        if modality is not None and modality not in MODALITIES:
+            self.error(f"'modality' must be one of {', '.join(MODALITIES)}, got '{modality}'")
+            modality = None
+        channels = self.channels(data)
+        base_dir_raw = self.string(data, "base_dir")
+        labels = self.labels(data)
+        ignore_index = data.get("ignore_index", DEFAULT_IGNORE_INDEX)
+        if not _is_int(ignore_index) or ignore_index < 0:
+            self.error(
+                f"'ignore_index' must be a non-negative integer, got {_type_name(ignore_index)}"
+            )
+            ignore_index = DEFAULT_IGNORE_INDEX
+        elif labels is not None and ignore_index in labels:
+            self.error(f"'ignore_index' {ignore_index} is also a class in 'labels'")
+        intensity = self.intensity(data, modality)
+        target_spacing = self.target_spacing(data)
+        sources = self.sources(data, labels)
+        generator = data.get("generator")
+        if generator is not None and not isinstance(generator, dict):
+            self.error(f"'generator' must be an object, got {_type_name(generator)}")
+        base_dir = Path(os.path.normpath(manifest_dir / os.path.expanduser(base_dir_raw or ".")))
+        cases = self.cases(data, base_dir, sources)
+
+        if self.problems:
+            return None
+        assert name is not None and modality is not None and labels is not None
+        assert cases is not None and intensity is not None
+        return Manifest(
+            name=name,
+            modality=modality,
+            base_dir=base_dir,
+            labels=labels,
+            cases=cases,
+            ignore_index=ignore_index,
+            intensity=intensity,
+            target_spacing=target_spacing,
+            sources=sources,
+            channels=channels,
+            generator=generator,
+            description=description,
+            base_dir_raw=base_dir_raw if base_dir_raw is not None else ".",
+            path=self.path,
+        )
+
+    def string(self, data: dict, key: str) -> str | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.error(f"'{key}' must be a non-empty string, got {_type_name(value)}")
+            return None
+        return value
+
+    def channels(self, data: dict) -> list[str] | None:
+        value = data.get("channels")
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            self.error("'channels' must be a non-empty list of channel names (strings)")
+            return None
+        return list(value)
+
+    def labels(self, data: dict) -> dict[int, str] | None:
+        value = data.get("labels")
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value:
+            self.error(
+                '\'labels\' must be an object like {"0": "background", "1": "liver"}, '
+                f"got {_type_name(value)}"
+            )
+            return None
+        labels: dict[int, str] = {}
+        for key, name in value.items():
+            if not (isinstance(key, str) and key.isdigit()):
+                self.error(
+                    f"'labels' key '{key}' must be a class index written as a string, e.g. \"1\""
+                )
+            elif not isinstance(name, str) or not name:
+                self.error(f"'labels' entry '{key}' must be a class name, got {_type_name(name)}")
+            else:
+                labels[int(key)] = name
+        if labels and 0 not in labels:
+            self.error("'labels' must name class \"0\" (background)")
+        return labels
+
+    def intensity(self, data: dict, modality: str | None) -> Intensity | None:
+        value = data.get("intensity")
+        if value is None:
+            if modality == "MR":
+                return Intensity("percentiles", *DEFAULT_MR_PERCENTILES)
+            return Intensity("window", *DEFAULT_CT_WINDOW)
+        if not isinstance(value, dict) or len(value) != 1:
+            self.error(
+                '\'intensity\' must be {"window": [lo, hi]} or {"percentiles": [lo, hi]}, '
+                f"got {_type_name(value) if not isinstance(value, dict) else value}"
+            )
+            return None
+        ((kind, bounds),) = value.items()
+        if kind not in ("window", "percentiles"):
+            self.error(_unknown_key_message(kind, ("window", "percentiles"), "'intensity' key"))
+            return None
+        if not (
+            isinstance(bounds, list)
+            and len(bounds) == 2
+            and all(_is_number(b) for b in bounds)
+            and bounds[0] < bounds[1]
+        ):
+            self.error(f"'intensity.{kind}' must be two numbers [low, high] with low < high")
+            return None
+        if kind == "percentiles" and not (bounds[0] >= 0 and bounds[1] <= 100):
+            self.error("'intensity.percentiles' must lie within [0, 100]")
+            return None
+        return Intensity(kind, float(bounds[0]), float(bounds[1]))
+
+    def target_spacing(self, data: dict) -> tuple[float, float, float] | None:
+        value = data.get("target_spacing")
+        if value is None:
+            return None
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(_is_number(v) and v > 0 for v in value)
+        ):
+            self.error("'target_spacing' must be three positive numbers [z, y, x] in mm")
+            return None
+        return (float(value[0]), float(value[1]), float(value[2]))
+
+    def sources(self, data: dict, labels: dict[int, str] | None) -> dict[str, list[int]] | None:
+        value = data.get("sources")
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value:
+            self.error(
+                f"'sources' must be an object like {{\"A\": [1, 7]}}, got {_type_name(value)}"
+            )
+            return None
+        sources: dict[str, list[int]] = {}
+        for name, classes in value.items():
+            sources[name] = []  # known even when invalid, so its cases are not reported too
+            if not (isinstance(classes, list) and classes and all(_is_int(c) for c in classes)):
+                self.error(f"'sources.{name}' must be a non-empty list of class indices")
+                continue
+            bad = [c for c in classes if c == 0 or (labels is not None and c not in labels)]
+            if bad:
+                self.error(
+                    f"'sources.{name}' lists {bad}, which are not foreground classes in 'labels'"
+                )
+                continue
+            sources[name] = sorted(set(classes))
+        return sources
+
+    def cases(
+        self, data: dict, base_dir: Path, sources: dict[str, list[int]] | None
+    ) -> list[Case] | None:
+        value = data.get("cases")
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            self.error(f"'cases' must be a list, got {_type_name(value)}")
+            return None
+        cases: list[Case] = []
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(value):
+            case = self.case(i, entry, base_dir, sources)
+            if case is None:
+                continue
+            if case.id in seen:
+                self.error(
+                    f"duplicate case id (entries {seen[case.id]} and {i} of 'cases'); "
+                    "case ids must be unique",
+                    case_id=case.id,
+                )
+                continue
+            seen[case.id] = i
+            cases.append(case)
+        return cases
+
+    def case(
+        self, index: int, entry: Any, base_dir: Path, sources: dict[str, list[int]] | None
+    ) -> Case | None:
+        if not isinstance(entry, dict):
+            self.error(f"'cases[{index}]' must be an object, got {_type_name(entry)}")
+            return None
+        raw_id = entry.get("id")
+        case_id = raw_id if isinstance(raw_id, str) and raw_id else None
+        who = case_id if case_id is not None else f"cases[{index}]"
+        before = len(self.problems)
+        for key in entry:
+            if key not in _CASE_KEYS:
+                self.error(_unknown_key_message(key, _CASE_KEYS, "case key"), case_id=who)
+        for key in _REQUIRED_CASE_KEYS:
+            if key not in entry:
+                self.error(f"missing required case key '{key}'", case_id=who)
+        for key in ("id", "image", "split"):
+            if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
+                self.error(
+                    f"case key '{key}' must be a non-empty string, got {_type_name(entry[key])}",
+                    case_id=who,
+                )
+        label = entry.get("label")
+        if label is not None and not (isinstance(label, str) and label.strip()):
+            self.error(
+                f"case key 'label' must be a path string or null, got {_type_name(label)}",
+                case_id=who,
+            )
+        split = entry.get("split")
+        if isinstance(split, str) and split.strip() and split not in SPLITS:
+            self.error(f"'split' must be one of {', '.join(SPLITS)}, got '{split}'", case_id=who)
+        elif split in SPLITS and split != "pretrain" and label is None:
+            self.error(
+                f"split '{split}' needs a label; unlabelled cases belong to 'pretrain'",
+                case_id=who,
+            )
+        source = entry.get("source")
+        if source is not None:
+            if not isinstance(source, str):
+                self.error(
+                    f"case key 'source' must be a string, got {_type_name(source)}", case_id=who
+                )
+            elif sources is None:
+                self.error(
+                    f"case has source '{source}' but the manifest has no top-level 'sources'",
+                    case_id=who,
+                )
+            elif source not in sources:
+                self.error(
+                    f"source '{source}' is not one of the manifest's sources "
+                    f"({', '.join(sources)})",
+                    case_id=who,
+                )
+        if len(self.problems) > before:
+            return None
+        return Case(
+            id=entry["id"],
+            image=entry["image"],
+            split=split,
+            image_path=Path(os.path.normpath(base_dir / os.path.expanduser(entry["image"]))),
+            label=label,
+            label_path=(
+                None
+                if label is None
+                else Path(os.path.normpath(base_dir / os.path.expanduser(label)))
+            ),
+            source=source,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class CaseInfo:
+    """What validation learnt about one case (``None`` where it could not be read).
+
+    ``shape`` is (z, y, x) voxels as stored, ``spacing`` (z, y, x) in mm; ``resampled_shape`` is
+    the shape after resampling to the manifest's ``target_spacing`` (``shape`` when it has none).
+    ``label_counts`` maps label value → voxel count.
+    """
+
+    case_id: str
+    split: str
+    source: str | None
+    image: str
+    labelled: bool = False
+    shape: tuple[int, int, int] | None = None
+    resampled_shape: tuple[int, int, int] | None = None
+    channels: int | None = None
+    spacing: tuple[float, float, float] | None = None
+    label_counts: dict[int, int] | None = None
+    ok: bool = True
+
+
+@dataclass
+class ValidationReport:
+    """All problems found in a manifest (one :class:`ManifestError` each) and per-case facts."""
+
+    manifest: Manifest
+    problems: list[ManifestError] = field(default_factory=list)
+    cases: list[CaseInfo] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def raise_if_failed(self) -> None:
+        """Raise the problem found, or a :class:`ManifestProblems` listing all of them."""
+        raise_problems(self.problems)
+
+    def summary_table(self) -> str:
+        """A fixed-width text table: cases, shapes and spacings per split, voxels per label."""
+        return _summary_table(self)
+
+
+def validate_manifest(
+    manifest: Manifest,
+    patch_size: Sequence[int] | None = None,
+    splits_required: Sequence[str] = DEFAULT_REQUIRED_SPLITS,
+) -> ValidationReport:
+    """Read every case and check it (§2.6); collect every problem rather than stop at the first.
+
+    Checks: image / label file exists and is readable (NIfTI, DICOM series); image and label
+    agree in shape and affine; image intensities are finite; label values are integers listed in
+    ``labels`` (or ``ignore_index``); labels of a source's case only use that source's classes;
+    every volume (after resampling to ``target_spacing``) is at least ``patch_size`` (z, y, x);
+    every split in ``splits_required`` has a case. By default "train" and "test" are required —
+    what fine-tuning and evaluation need; pass ``()`` for a pre-training-only manifest. Schema
+    problems and duplicate ids are caught earlier, by :func:`load_manifest`. Nothing is written.
+    """
+    from medssl_kit.data import io  # imported here: reading pulls in MONAI, schema checks do not
+
+    unknown = [s for s in splits_required if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; choose from {', '.join(SPLITS)}")
+    if patch_size is not None and (
+        len(patch_size) != 3
+        or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in patch_size)
+        or min(patch_size) < 1
+    ):
+        raise ValueError(f"patch_size must be three positive integers (z, y, x), got {patch_size}")
+    report = ValidationReport(manifest=manifest)
+    for split in splits_required:
+        if not manifest.split(split):
+            report.problems.append(
+                ManifestError(
+                    f"split '{split}' has no cases; fine-tuning and evaluation need at least "
+                    f"one (required splits: {', '.join(splits_required)})",
+                    path=manifest.display_path,
+                )
+            )
+    for case in manifest.cases:
+        info = CaseInfo(case.id, case.split, case.source, case.image, case.label is not None)
+        report.cases.append(info)
+        try:
+            raw = io.read_raw(case, manifest)
+        except ManifestError as err:
+            report.problems.extend(split_problems(err))
+            info.ok = False
+            continue
+        checked = io.check_raw(raw, case, manifest)
+        info.shape = raw.shape
+        info.channels = int(raw.image.shape[0])
+        info.spacing = raw.spacing
+        info.resampled_shape = (
+            io.resampled_shape(raw.shape, raw.spacing, manifest.target_spacing)
+            if manifest.target_spacing is not None
+            else raw.shape
+        )
+        info.label_counts = checked.label_counts
+        problems = list(checked.problems)
+        if patch_size is not None:
+            small = ["zyx"[i] for i in range(3) if info.resampled_shape[i] < int(patch_size[i])]
+            if small:
+                resampled = " after resampling" if manifest.target_spacing is not None else ""
+                problems.append(
+                    ManifestError(
+                        f"volume of {_fmt_shape(info.resampled_shape)} voxels (z, y, x){resampled} "
+                        f"is smaller than the patch size {_fmt_shape(patch_size)} along "
+                        f"{', '.join(small)}; use a smaller patch size or drop the case",
+                        case_id=case.id,
+                        path=case.image_path,
+                    )
+                )
+        report.problems.extend(problems)
+        info.ok = not problems
+    return report
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _fmt_range(values: Sequence[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
+
+
+def _shape_range(shapes: Sequence[tuple[int, int, int]]) -> str:
+    return "x".join(_fmt_range([s[i] for s in shapes], "d") for i in range(3))
+
+
+def _spacing_range(spacings: Sequence[tuple[float, float, float]]) -> str:
+    return " / ".join(_fmt_range([s[i] for s in spacings], ".2f") for i in range(3))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    """Fixed-width rows; ``align`` has one 'l' or 'r' per column."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            str(c).ljust(w) if a == "l" else str(c).rjust(w)
+            for c, w, a in zip(cells, widths, align, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def _summary_table(report: ValidationReport) -> str:
+    manifest = report.manifest
+    lines = [
+        f"manifest  {manifest.display_path}",
+        f"name      {manifest.name} ({manifest.modality}, {len(manifest.cases)} cases, "
+        f"{manifest.num_channels} channel{'s' if manifest.num_channels != 1 else ''})",
+        f"base_dir  {manifest.base_dir}",
+    ]
+    if manifest.target_spacing is not None:
+        lines.append(f"resample  to {' / '.join(f'{s:.2f}' for s in manifest.target_spacing)} mm")
+    lines.append("")
+    splits = [s for s in SPLITS if manifest.split(s)]
+    resampled = manifest.target_spacing is not None
+
+    def split_row(name: str, infos: list[CaseInfo]) -> list[str]:
+        read = [i for i in infos if i.shape is not None]
+        row = [
+            name,
+            str(len(infos)),
+            str(sum(1 for i in infos if i.labelled)),
+            str(sum(1 for i in infos if not i.ok)),
+            _shape_range([i.shape for i in read]) if read else "-",
+            _spacing_range([i.spacing for i in read]) if read else "-",
+        ]
+        if resampled:
+            row.append(_shape_range([i.resampled_shape for i in read]) if read else "-")
+        return row
+
+    rows = [split_row(s, [i for i in report.cases if i.split == s]) for s in splits]
+    rows.append(split_row("all", report.cases))
+    header = ["split", "cases", "labelled", "failed", "shape (z,y,x)", "spacing z / y / x (mm)"]
+    if resampled:
+        header.append("resampled shape")
+    lines += _table(header, rows, "lrrrll" + "l" * resampled)
+
+    values = sorted(
+        {v for i in report.cases if i.label_counts for v in i.label_counts} | set(manifest.labels)
+    )
+    lines += ["", "voxels per label"]
+    count_rows = []
+    for value in values:
+        name = manifest.labels.get(value)
+        if name is None:
+            name = "ignore" if value == manifest.ignore_index else "(not in labels)"
+        per_split = [
+            sum(
+                i.label_counts.get(value, 0)
+                for i in report.cases
+                if i.split == split and i.label_counts
+            )
+            for split in splits
+        ]
+        count_rows.append([str(value), name, *(f"{n:,}" for n in per_split), f"{sum(per_split):,}"])
+    lines += _table(
+        ["value", "label", *splits, "total"], count_rows, "rl" + "r" * (len(splits) + 1)
+    )
+    if manifest.sources:
+        lines += ["", "sources"]
+        src_rows = [
+            [
+                name,
+                ", ".join(manifest.labels[c] for c in classes),
+                str(sum(1 for c in manifest.cases if c.source == name)),
+            ]
+            for name, classes in manifest.sources.items()
+        ]
+        lines += _table(["source", "annotates", "cases"], src_rows, "llr")
+    lines.append("")
+    lines.append(
+        "OK: no problems found"
+        if report.ok
+        else f"FAILED: {len(report.problems)} problem{'s' if len(report.problems) != 1 else ''}"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Medical Segmentation Decathlon import
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ManifestError(
+            "exists already; choose another output path or pass overwrite=True (--overwrite)",
+            path=path,
+        )
+
+
+def _write_json_new(path: Path, data: Any, overwrite: bool) -> None:
+    """Write JSON atomically; refuse to replace an existing file unless ``overwrite``."""
+    _refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _msd_rel(entry: Any, task_dir: Path, what: str) -> str:
+    """Normalise an MSD path ("./imagesTr/x.nii.gz") to a task-relative POSIX path."""
+    if not isinstance(entry, str) or not entry:
+        raise ManifestError(
+            f"dataset.json: {what} must be a path string, got {entry!r}", path=task_dir
+        )
+    return Path(os.path.normpath(entry)).as_posix()
+
+
+def _case_id(rel: str) -> str:
+    name = Path(rel).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """Case counts per split: each non-pretrain split gets round(f·n), at least 1 if f > 0."""
+    counts = {
+        s: (max(1, round(fractions.get(s, 0.0) * n)) if fractions.get(s, 0.0) > 0 else 0)
+        for s in ("test", "val", "train")
+    }
+    counts["pretrain"] = n - sum(counts.values())
+    if counts["pretrain"] < 0:
+        raise ManifestError(
+            f"{n} labelled training cases are too few for the split fractions {dict(fractions)}; "
+            "each of train/val/test with a non-zero fraction needs at least one case"
+        )
+    return counts
+
+
+def import_msd(
+    task_dir: str | Path,
+    out_manifest: str | Path,
+    seed: int = 0,
+    fractions: Mapping[str, float] = MSD_SPLIT_FRACTIONS,
+    window: tuple[float, float] = DEFAULT_CT_WINDOW,
+    overwrite: bool = False,
+) -> Path:
+    """Write a manifest for a Medical Segmentation Decathlon task folder; return its path.
+
+    The task folder holds ``dataset.json`` (name, modality, labels, training [{image, label}],
+    test [paths]) and imagesTr / labelsTr / imagesTs; it is only read. Labelled training cases are
+    shuffled with ``seed`` and split by ``fractions`` (default 50 % pretrain, 20 % train, 10 % val,
+    20 % test; train/val/test get at least one case each, pretrain the remainder); imagesTs cases
+    become unlabelled "pretrain" cases. CT tasks get an intensity window (``window``, HU), MR
+    tasks 0.5–99.5 percentile scaling; multi-modal tasks (4D images) record their channel names.
+    ``base_dir`` points at the task folder, relative to the manifest when possible. An existing
+    ``out_manifest`` is never replaced unless ``overwrite``.
+    """
+    task_dir = Path(os.path.abspath(Path(task_dir).expanduser()))
+    out_manifest = Path(os.path.abspath(Path(out_manifest).expanduser()))
+    dataset_json = task_dir / "dataset.json"
+    if not dataset_json.is_file():
+        raise ManifestError(
+            "no dataset.json here; is this a Medical Segmentation Decathlon task folder?",
+            path=task_dir,
+        )
+    if out_manifest.is_relative_to(task_dir):
+        raise ManifestError(
+            "the manifest would be written inside the task folder, which import-msd never "
+            "modifies; choose an output path outside it",
+            path=out_manifest,
+        )
+    if set(fractions) - set(SPLITS) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+        raise ValueError(
+            f"fractions must map splits {SPLITS} to shares that sum to 1, got {fractions}"
+        )
+    _refuse_existing(out_manifest, overwrite)
+    try:
+        meta = json.loads(dataset_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ManifestError(
+            f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}", path=dataset_json
+        ) from err
+    if not isinstance(meta, dict):
+        raise ManifestError("dataset.json must hold a JSON object", path=dataset_json)
+    for key in ("modality", "labels", "training"):
+        if key not in meta:
+            raise ManifestError(f"dataset.json lacks the key '{key}'", path=dataset_json)
+
+    modality_map = meta["modality"]
+    if not isinstance(modality_map, dict) or not modality_map:
+        raise ManifestError("dataset.json 'modality' must be an object", path=dataset_json)
+    channel_names = [str(modality_map[k]) for k in sorted(modality_map, key=lambda k: int(k))]
+    is_ct = [name.upper() == "CT" for name in channel_names]
+    if any(is_ct) and not all(is_ct):
+        raise ManifestError(
+            f"mixes CT with other channels ({', '.join(channel_names)}), which one intensity "
+            "rule cannot handle",
+            path=dataset_json,
+        )
+    modality = "CT" if all(is_ct) else "MR"
+
+    raw_labels = meta["labels"]
+    if isinstance(raw_labels, dict) and raw_labels and all(_is_int(v) for v in raw_labels.values()):
+        raw_labels = {str(v): k for k, v in raw_labels.items()}  # nnU-Net v2 style {name: index}
+    if not isinstance(raw_labels, dict) or not all(str(k).isdigit() for k in raw_labels):
+        raise ManifestError(
+            "dataset.json 'labels' must map class indices to names", path=dataset_json
+        )
+    labels = {str(int(k)): str(v) for k, v in sorted(raw_labels.items(), key=lambda kv: int(kv[0]))}
+
+    training = []
+    for i, item in enumerate(meta["training"]):
+        if not isinstance(item, dict) or "image" not in item or "label" not in item:
+            raise ManifestError(
+                f"dataset.json 'training[{i}]' must be an object with 'image' and 'label'",
+                path=dataset_json,
+            )
+        image = _msd_rel(item["image"], task_dir, f"training[{i}].image")
+        training.append((_case_id(image), image, _msd_rel(item["label"], task_dir, "label")))
+    tests = [_msd_rel(p, task_dir, "test entry") for p in meta.get("test", [])]
+
+    missing = [
+        rel
+        for _, image, label in training
+        for rel in (image, label)
+        if not (task_dir / rel).exists()
+    ] + [rel for rel in tests if not (task_dir / rel).exists()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ManifestError(
+            f"dataset.json lists files that do not exist: {', '.join(missing[:3])}{more}",
+            path=task_dir,
+        )
+    if len({cid for cid, _, _ in training}) != len(training):
+        raise ManifestError("dataset.json lists a training image twice", path=dataset_json)
+
+    training.sort()
+    counts = _split_counts(len(training), fractions)
+    order = np.random.default_rng(seed).permutation(len(training))
+    split_of: dict[str, str] = {}
+    start = 0
+    for split in ("test", "val", "train", "pretrain"):
+        for idx in order[start : start + counts[split]]:
+            split_of[training[idx][0]] = split
+        start += counts[split]
+
+    cases: list[dict[str, Any]] = [
+        {"id": cid, "image": image, "label": label, "split": split_of[cid]}
+        for cid, image, label in training
+    ]
+    taken = {c["id"] for c in cases}
+    for rel in sorted(tests):
+        cid = _case_id(rel)
+        if cid in taken:
+            cid = f"ts_{cid}"
+        taken.add(cid)
+        cases.append({"id": cid, "image": rel, "split": "pretrain"})
+
+    try:
+        base_dir = Path(os.path.relpath(task_dir, out_manifest.parent)).as_posix()
+    except ValueError:  # different drives on Windows
+        base_dir = task_dir.as_posix()
+    intensity = (
+        {"window": [float(window[0]), float(window[1])]}
+        if modality == "CT"
+        else {"percentiles": list(DEFAULT_MR_PERCENTILES)}
+    )
+    manifest: dict[str, Any] = {"name": str(meta.get("name") or task_dir.name)}
+    if meta.get("description"):
+        manifest["description"] = str(meta["description"])
+    manifest["modality"] = modality
+    if len(channel_names) > 1:
+        manifest["channels"] = channel_names
+    manifest.update(
+        {
+            "base_dir": base_dir,
+            "labels": labels,
+            "ignore_index": DEFAULT_IGNORE_INDEX,
+            "intensity": intensity,
+            "generator": {
+                "tool": "medssl import-msd",
+                "task_dir": task_dir.as_posix(),
+                "seed": seed,
+                "fractions": dict(fractions),
+            },
+            "cases": cases,
+        }
+    )
+    parse_manifest(manifest, out_manifest.parent, path=out_manifest)  # never write an invalid one
+    _write_json_new(out_manifest, manifest, overwrite)
+    return out_manifest
