@@ -252,10 +252,138 @@ def _run_import_msd(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# finetune
+
+
+def _labeled_arg(text: str) -> int | float | str:
+    if text == "all":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a case count, a fraction in (0, 1) or 'all', got '{text}'"
+        ) from None
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def _set_arg(text: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value (``steps=100``, ``patch_size=[16,64,64]``) or a string."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got '{text}'")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _apply_overrides(cfg: object, pairs: list[tuple[str, object]]) -> None:
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cfg)}
+    for key, value in pairs:
+        if key not in names:
+            raise UsageError(
+                f"--set {key}: unknown setting; choose from {', '.join(sorted(names))}"
+            )
+        setattr(cfg, key, tuple(value) if isinstance(value, list) else value)
+
+
+def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune (or probe, or classify) with a label budget; evaluate on the test split",
+        description="Fine-tune from scratch or from a run folder's transferable weights with "
+        "N labelled train cases (or a fraction), validate for early stopping, evaluate every test "
+        "volume and write the run folder (config.json, metrics.jsonl, checkpoint.pt, "
+        "transferable.pt, results.csv, summary.json).",
+    )
+    p.add_argument("--manifest", required=True, metavar="M", help="manifest file or folder")
+    p.add_argument("--init", default="scratch", metavar="scratch|RUN_DIR")
+    p.add_argument("--labeled", type=_labeled_arg, default="all", metavar="N|F|all")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
+    p.add_argument("--backbone", default="unet", metavar="NAME")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--mode", choices=("full", "probe", "classify"), default="full")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="override the profile")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--set",
+        type=_set_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any FinetuneConfig field (JSON values), e.g. --set lr=3e-4",
+    )
+    p.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from medssl_kit.train.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        profile=args.profile,
+        mode=args.mode,
+        labeled=args.labeled,
+        seed=args.seed,
+        backbone=args.backbone,
+        dims=args.dims,
+        steps=args.steps,
+    )
+    _apply_overrides(cfg, args.set)
+    result = finetune(args.init, args.manifest, cfg, args.out, resume=args.resume)
+    if result.key_report is not None:
+        print(f"init {args.init}: {result.key_report.summary().splitlines()[0]}")
+    shown = {k: v for k, v in result.summary.items() if k != "labeled_cases"}
+    print(
+        "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+    )
+    print(f"run folder: {result.run_dir}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    from medssl_kit.models.export import EXPORT_TARGETS
+
+    p = subparsers.add_parser(
+        "export",
+        help="write a run's backbone weights for the matching MONAI network",
+        description="Load RUN_DIR/transferable.pt, map its weights onto the MONAI network "
+        "(BasicUNet for unet, FlexibleUNet for resunet, UNETR for unetr), check that they load "
+        "with strict=True, print the key report and write FILE (a state_dict plus the MONAI "
+        "network's name and constructor arguments).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--to", required=True, choices=sorted(EXPORT_TARGETS), dest="target")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from medssl_kit.train.transfer import export_run
+
+    report, spec = export_run(args.run_dir, args.target, args.out)
+    print(f"{spec.qualified_name}: {report.summary()}")
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,
     _add_validate,
     _add_import_msd,
+    _add_finetune,
+    _add_export,
 )
 
 

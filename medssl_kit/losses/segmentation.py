@@ -34,7 +34,7 @@ class PartialDiceCELoss(nn.Module):
         self.dice = DiceLoss(include_background=True, reduction="none")
 
     def forward(self, logits: Tensor, target: Tensor, labelled: Tensor | None = None) -> Tensor:
-        """``logits`` [B, K, *S]; ``target`` [B, 1, *S] integer; ``labelled`` bool [B, K] or None."""
+        """logits [B, K, *S]; target [B, 1, *S] integer; labelled bool [B, K] or None."""
         n_classes = logits.shape[1]
         target = target[:, 0].long()
         logp = F.log_softmax(logits, dim=1)

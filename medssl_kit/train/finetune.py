@@ -1,0 +1,569 @@
+"""Fine-tuning and probing with few labels, evaluated on whole test volumes (DESIGN §5.2, §6).
+
+``finetune(init, manifest, cfg, out_dir)`` trains a segmentation model (``mode="full"``), a frozen
+backbone with a trainable 1×1 head (``mode="probe"``), or a slice-level "lesion present"
+classifier on the backbone's encoder (``mode="classify"``), from scratch or from the transferable
+weights of a run folder, using a label budget of fine-tuning cases chosen by the seed. It
+validates for early stopping and model selection, then evaluates the selected model on every
+test volume and writes the run folder:
+
+``config.json``      the resolved configuration, the labelled case ids, the key report
+``metrics.jsonl``    one line per logged step (loss, lr) and per validation (score)
+``checkpoint.pt``    the latest resumable state (atomic; ``resume=True`` continues from it)
+``transferable.pt``  the selected model's backbone weights (another run's ``init``; export)
+``results.csv``      one row per test case × class (segmentation modes, DESIGN §6.3)
+``predictions.csv``  one row per test slice with score and target (``classify``)
+``summary.json``     organ / lesion means (or AUROC), steps run, wall time
+
+Conventions: label budgets count labelled cases of the ``train`` split (an int ≥ 1, a fraction
+in (0, 1], or ``"all"``); the chosen cases are the first ``n`` of a permutation drawn from
+``seed``, so every method fine-tuned with the same seed and budget sees the same cases. Lesion
+rows use the nnU-Net convention for a lesion absent from both ground truth and prediction (NaN,
+left out of means), because "no lesion, none predicted" would otherwise count as Dice 1 and
+inflate the lesion figure; organs are present in every case.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from medssl_kit import __version__
+from medssl_kit.config import get_profile
+from medssl_kit.data.datasets import PatchDataset, SliceDataset, load_volumes
+from medssl_kit.data.io import CaseVolume
+from medssl_kit.data.manifest import Manifest, load_manifest
+from medssl_kit.data.views import (
+    ViewSpec,
+    apply_intensity,
+    apply_spatial,
+    sample_intensity,
+    sample_spatial,
+)
+from medssl_kit.errors import MedsslError
+from medssl_kit.evaluate.inference import predict_volume
+from medssl_kit.evaluate.metrics import auroc, segmentation_metrics, summarise
+from medssl_kit.evaluate.results import write_results
+from medssl_kit.losses.segmentation import PartialDiceCELoss
+from medssl_kit.models.heads import ClassificationHead
+from medssl_kit.models.registry import build_backbone
+from medssl_kit.train.checkpoint import (
+    CHECKPOINT_NAME,
+    append_jsonl,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+    write_json,
+)
+from medssl_kit.train.transfer import (
+    KeyReport,
+    load_transferable,
+    read_transferable,
+    save_transferable,
+)
+
+MODES = ("full", "probe", "classify")
+LESION_WORDS = ("lesion", "tumor", "tumour")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on. ``None`` budgets come from the profile."""
+
+    profile: str | None = None
+    mode: str = "full"
+    labeled: int | float | str = "all"
+    seed: int = 0
+    backbone: str = "unet"
+    dims: int = 2
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    context: int = 0  # 2D: neighbouring slices on each side stacked as input channels
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 1e-5
+    val_every: int | None = None
+    patience: int | None = None
+    checkpoint_every: int | None = None
+    patch_size: tuple[int, int, int] | None = None  # 3D training patch and inference ROI
+    augment: bool = True
+    target_class: str | None = None  # classify: the class whose presence is predicted
+
+    def resolved(self) -> FinetuneConfig:
+        """A copy with every ``None`` budget filled in from the profile."""
+        prof = get_profile(self.profile)
+        ft = prof.finetune
+        out = copy.deepcopy(self)
+        out.profile = prof.name
+        if out.mode not in MODES:
+            raise MedsslError(f"unknown fine-tuning mode '{out.mode}'; choose one of {MODES}")
+        if out.dims not in (2, 3):
+            raise MedsslError(f"dims must be 2 or 3, got {out.dims}")
+        out.steps = out.steps or ft.steps
+        out.batch_size = out.batch_size or (ft.batch_size if out.dims == 2 else ft.batch_size_3d)
+        out.lr = out.lr or ft.lr
+        out.val_every = out.val_every or ft.val_every
+        out.patience = out.patience or ft.patience
+        out.checkpoint_every = out.checkpoint_every or ft.checkpoint_every
+        out.patch_size = tuple(out.patch_size or ft.patch_size)
+        if out.backbone == "unet":
+            out.backbone_kwargs = {"channels": list(ft.channels), **out.backbone_kwargs}
+        return out
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    key_report: KeyReport | None
+
+
+def choose_labeled_cases(manifest: Manifest, labeled: int | float | str, seed: int) -> list[str]:
+    """Ids of the labelled ``train`` cases a budget selects (seeded, nested across budgets)."""
+    pool = [c.id for c in manifest.split("train") if c.labelled]
+    if not pool:
+        raise MedsslError(
+            f"manifest '{manifest.display_path}' has no labelled case in split 'train'"
+        )
+    n = _budget_count(labeled, len(pool))
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pool[i] for i in order[:n]]
+
+
+def _budget_count(labeled: int | float | str, pool: int) -> int:
+    if labeled == "all":
+        return pool
+    value = float(labeled)
+    if 0 < value < 1:
+        return max(1, round(value * pool))
+    if value >= 1 and value == int(value):
+        if value > pool:
+            raise MedsslError(f"label budget {int(value)} exceeds the {pool} labelled train cases")
+        return int(value)
+    raise MedsslError(
+        f"label budget must be a case count >= 1, a fraction in (0, 1) or 'all'; got {labeled!r}"
+    )
+
+
+def finetune(
+    init: str | Path,
+    manifest: str | Path | Manifest,
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune from ``init`` (``"scratch"`` or a run folder) and evaluate on the test split."""
+    cfg = cfg.resolved()
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    out_dir = Path(out_dir)
+    if not resume and ((out_dir / CHECKPOINT_NAME).exists() or (out_dir / "config.json").exists()):
+        raise MedsslError(
+            f"run folder '{out_dir}' already holds a run; pass resume=True (--resume) to continue "
+            "it, or choose another folder"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+
+    labeled_ids = choose_labeled_cases(manifest, cfg.labeled, cfg.seed)
+    train_vols = load_volumes(manifest, ["train"])
+    train_vols = [v for v in train_vols if v.case_id in set(labeled_ids)]
+    val_vols = [v for v in load_volumes(manifest, ["val"]) if v.label is not None]
+    test_vols = [v for v in load_volumes(manifest, ["test"]) if v.label is not None]
+    if not test_vols:
+        raise MedsslError(f"manifest '{manifest.display_path}' has no labelled case in 'test'")
+
+    model, method, key_report = _build_model(init, manifest, cfg)
+    task = _Task.make(cfg, manifest, model)
+    batches = task.batch_source(train_vols)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.steps, power=0.9)
+    state = {"step": 0, "best_score": -math.inf, "best_step": 0, "bad_checks": 0, "stopped": False}
+    best_state = copy.deepcopy(model.state_dict())
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume and (out_dir / CHECKPOINT_NAME).exists():
+        ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        best_state = ckpt["best_model"]
+        state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"])
+        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= state["step"]]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        metrics_path.write_text("")
+
+    write_json(
+        out_dir / "config.json",
+        {
+            "kind": "finetune",
+            "method": method,
+            "init": str(init),
+            "manifest": manifest.display_path,
+            "labeled_cases": labeled_ids,
+            "config": asdict(cfg),
+            "backbone": model_backbone(model).config,
+            "key_report": asdict(key_report) if key_report else None,
+            "version": __version__,
+        },
+    )
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="fine-tune")
+    while state["step"] < cfg.steps and not state["stopped"]:
+        step = state["step"]
+        model.train()
+        task.set_train_modes(model)
+        inputs, target, labelled = batches(step)
+        loss = task.loss(model(inputs), target, labelled)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state["step"] = step + 1
+        bar.update(1)
+        append_jsonl(
+            metrics_path,
+            {"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0]},
+        )
+        if state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps:
+            score = task.validate(model, val_vols or train_vols)
+            append_jsonl(metrics_path, {"step": state["step"], "val_score": score})
+            bar.set_postfix(val=f"{score:.3f}")
+            if score > state["best_score"]:
+                state.update(best_score=score, best_step=state["step"], bad_checks=0)
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                state["bad_checks"] += 1
+                state["stopped"] = state["bad_checks"] >= cfg.patience
+        last = state["stopped"] or state["step"] == cfg.steps
+        if state["step"] % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(
+                out_dir / CHECKPOINT_NAME,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_model": best_state,
+                    "state": state,
+                    "rng": torch.get_rng_state(),
+                },
+            )
+    bar.close()
+
+    model.load_state_dict(best_state)
+    save_transferable(out_dir / "transferable.pt", model_backbone(model), method=method)
+    rows, summary = task.evaluate(model, test_vols, out_dir)
+    meta = {
+        "method": method,
+        "backbone": cfg.backbone,
+        "dims": cfg.dims,
+        "labeled": len(labeled_ids),
+        "seed": cfg.seed,
+        "mode": cfg.mode,
+    }
+    rows = [{**meta, **r} for r in rows]
+    if rows:
+        write_results(rows, out_dir / "results.csv")
+    summary = {
+        **meta,
+        **summary,
+        "labeled_cases": labeled_ids,
+        "steps_run": state["step"],
+        "best_step": state["best_step"],
+        "best_val_score": state["best_score"],
+        "early_stopped": bool(state["stopped"]),
+        "wall_time_s": time.perf_counter() - started,
+    }
+    write_json(out_dir / "summary.json", summary)
+    return FinetuneResult(out_dir, summary, rows, key_report)
+
+
+class _Classifier(nn.Module):
+    """A backbone's encoder followed by a global-pooling classification head."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int = 2):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ClassificationHead(backbone.encoder_channels[-1], n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone.encode(x)[-1])
+
+
+def model_backbone(model: nn.Module) -> nn.Module:
+    """The backbone inside a fine-tuned model (the model itself for segmentation)."""
+    return model.backbone if isinstance(model, _Classifier) else model
+
+
+def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
+    in_channels = manifest.num_channels * (2 * cfg.context + 1 if cfg.dims == 2 else 1)
+    out_channels = manifest.num_classes
+    method, report = "scratch", None
+    kwargs = dict(cfg.backbone_kwargs)
+    if str(init) != "scratch":
+        run = Path(init)
+        header = read_transferable(run)
+        backbone_cfg, method = header["backbone"], header["method"]
+        if backbone_cfg["name"] != cfg.backbone:
+            raise MedsslError(
+                f"run '{run}' pre-trained a '{backbone_cfg['name']}' backbone but fine-tuning asks "
+                f"for '{cfg.backbone}'; pass --backbone {backbone_cfg['name']}"
+            )
+        kwargs = {
+            k: v
+            for k, v in backbone_cfg.items()
+            if k not in ("name", "spatial_dims", "in_channels", "out_channels")
+        } | {k: v for k, v in cfg.backbone_kwargs.items() if k != "channels"}
+        if cfg.mode == "full" and cfg.backbone == "unet":
+            kwargs["skips"] = True  # PCRLv2: a non-skip encoder is fine-tuned inside a skip UNet
+    backbone = build_backbone(cfg.backbone, cfg.dims, in_channels, out_channels, **kwargs)
+    if str(init) != "scratch":
+        report = load_transferable(backbone, Path(init))
+    if cfg.mode == "probe":
+        _freeze_all_but_head(backbone)
+    model = _Classifier(backbone) if cfg.mode == "classify" else backbone
+    return model, method, report
+
+
+def _freeze_all_but_head(backbone: nn.Module) -> None:
+    head = [n for n, _ in backbone.named_parameters() if n.startswith("head.")]
+    if not head:
+        raise MedsslError(f"backbone '{backbone.name}' has no 'head' to train in probe mode")
+    for name, p in backbone.named_parameters():
+        p.requires_grad = name.startswith("head.")
+
+
+class _Task:
+    """What differs between segmentation (2D / 3D) and slice classification."""
+
+    def __init__(self, cfg: FinetuneConfig, manifest: Manifest):
+        self.cfg = cfg
+        self.manifest = manifest
+        self.classes = dict(manifest.labels)
+        self.n_classes = manifest.num_classes
+
+    @staticmethod
+    def make(cfg: FinetuneConfig, manifest: Manifest, model: nn.Module) -> _Task:
+        if cfg.mode == "classify":
+            return _ClassifyTask(cfg, manifest)
+        return _SegmentTask(cfg, manifest)
+
+    def set_train_modes(self, model: nn.Module) -> None:
+        """Frozen parts keep their normalisation statistics (eval mode) while probing."""
+        if self.cfg.mode == "probe":
+            for name, module in model.named_modules():
+                if name and not name.startswith("head"):
+                    module.eval()
+
+    def generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+
+
+class _SegmentTask(_Task):
+    def __init__(self, cfg: FinetuneConfig, manifest: Manifest):
+        super().__init__(cfg, manifest)
+        self.criterion = PartialDiceCELoss(ignore_index=manifest.ignore_index)
+        self.organs = [c for c in manifest.foreground_classes if not _is_lesion(self.classes[c])]
+        self.lesions = [c for c in manifest.foreground_classes if _is_lesion(self.classes[c])]
+
+    def labelled_mask(self, vol: CaseVolume) -> Tensor:
+        mask = torch.zeros(self.n_classes, dtype=torch.bool)
+        mask[[0, *self.manifest.labelled_classes(self.manifest.get_case(vol.case_id))]] = True
+        return mask
+
+    def batch_source(
+        self, vols: list[CaseVolume]
+    ) -> Callable[[int], tuple[Tensor, Tensor, Tensor]]:
+        cfg = self.cfg
+        masks = {v.case_id: self.labelled_mask(v) for v in vols}
+        if cfg.dims == 2:
+            data = SliceDataset(vols, context=cfg.context, skip_empty=True, with_label=True)
+            spec = ViewSpec(
+                size=tuple(vols[0].image.shape[-2:]),
+                scale=(0.6, 1.0),
+                ratio=(0.85, 1.18),
+                flip_prob=0.0,  # left/right organs: a flip would swap their meaning
+                rot90_prob=0.0,
+                max_rotation_deg=10.0,
+            )
+        else:
+            data = PatchDataset(vols, cfg.patch_size, samples_per_volume=8, seed=cfg.seed)
+            spec = None
+
+        def batch(step: int) -> tuple[Tensor, Tensor, Tensor]:
+            g = self.generator(step)
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=g).tolist()
+            images, labels, labelled = [], [], []
+            for i in idx:
+                item = data[i]
+                image, label = item["image"], item["label"]
+                if spec is not None and cfg.augment:
+                    spatial = sample_spatial(tuple(image.shape[1:]), spec, g)
+                    image, _ = apply_spatial(image, spatial)
+                    label, _ = apply_spatial(label.float(), spatial, mode="nearest")
+                    image = apply_intensity(image, sample_intensity(spec, g))
+                images.append(image)
+                labels.append(label.long())
+                labelled.append(masks[item["case_id"]])
+            return torch.stack(images), torch.stack(labels), torch.stack(labelled)
+
+        return batch
+
+    def loss(self, logits: Tensor, target: Tensor, labelled: Tensor) -> Tensor:
+        return self.criterion(logits, target, labelled)
+
+    def _predict(self, model: nn.Module, vol: CaseVolume) -> Tensor:
+        cfg = self.cfg
+        probs = predict_volume(
+            model,
+            vol.image,
+            cfg.dims,
+            roi_size=cfg.patch_size if cfg.dims == 3 else None,
+            context=cfg.context,
+        )
+        return probs.argmax(0)
+
+    def validate(self, model: nn.Module, vols: list[CaseVolume]) -> float:
+        """Mean Dice over the labelled foreground classes present in each validation volume."""
+        scores = []
+        for vol in vols:
+            target = vol.label[0]
+            valid = target != self.manifest.ignore_index
+            dice = compute_dice(
+                self._onehot(self._predict(model, vol), valid),
+                self._onehot(target, valid),
+                include_background=False,
+                ignore_empty=True,
+            )[0]
+            labelled = self.manifest.labelled_classes(self.manifest.get_case(vol.case_id))
+            scores += [float(dice[c - 1]) for c in labelled if not torch.isnan(dice[c - 1])]
+        return sum(scores) / max(len(scores), 1)
+
+    def _onehot(self, classes: Tensor, valid: Tensor) -> Tensor:
+        """[1, K, *S] one-hot of a class map, zero on ignored voxels."""
+        onehot = F.one_hot(torch.where(valid, classes, 0), self.n_classes).movedim(-1, 0)
+        return (onehot * valid)[None]
+
+    def evaluate(self, model: nn.Module, vols: list[CaseVolume], out_dir: Path):
+        rows = []
+        for vol in vols:
+            pred = self._predict(model, vol)
+            case = self.manifest.get_case(vol.case_id)
+            for r in segmentation_metrics(
+                pred.numpy(),
+                vol.label[0].numpy(),
+                self.classes,
+                vol.spacing,
+                ignore_index=self.manifest.ignore_index,
+                labelled_classes=self.manifest.labelled_classes(case),
+                empty="nan",
+            ):
+                rows.append({"case": vol.case_id, **r})
+        return rows, summarise(rows, self.organs, self.lesions)
+
+
+class _ClassifyTask(_Task):
+    """Slice-level "target class present" classification (AUROC), balanced sampling."""
+
+    def __init__(self, cfg: FinetuneConfig, manifest: Manifest):
+        super().__init__(cfg, manifest)
+        if cfg.dims != 2:
+            raise MedsslError("classify mode works on 2D slices; pass --dims 2")
+        names = {name: c for c, name in self.classes.items()}
+        wanted = cfg.target_class or next((n for n in names if _is_lesion(n)), None)
+        if wanted not in names:
+            raise MedsslError(
+                f"classify: no class named {wanted!r} in manifest '{manifest.display_path}' "
+                f"(classes: {sorted(names)}); pass --set target_class=NAME"
+            )
+        self.target = names[wanted]
+        self.target_name = wanted
+        self.criterion = nn.CrossEntropyLoss()
+
+    def _slices(self, vols: list[CaseVolume]) -> tuple[SliceDataset, Tensor]:
+        data = SliceDataset(vols, context=self.cfg.context, skip_empty=True, with_label=True)
+        present = torch.tensor(
+            [bool((data[i]["label"] == self.target).any()) for i in range(len(data))]
+        )
+        return data, present
+
+    def batch_source(self, vols):
+        data, present = self._slices(vols)
+        pos, neg = present.nonzero()[:, 0], (~present).nonzero()[:, 0]
+        if len(pos) == 0 or len(neg) == 0:
+            raise MedsslError(
+                f"classify: the labelled train cases need slices with and without "
+                f"'{self.target_name}' (got {len(pos)} with, {len(neg)} without); raise the budget"
+            )
+
+        def batch(step: int):
+            g = self.generator(step)
+            half = self.cfg.batch_size // 2
+            idx = torch.cat(
+                [
+                    pos[torch.randint(len(pos), (half,), generator=g)],
+                    neg[torch.randint(len(neg), (self.cfg.batch_size - half,), generator=g)],
+                ]
+            ).tolist()
+            images = torch.stack([data[i]["image"] for i in idx])
+            target = present[idx].long()
+            return images, target, None
+
+        return batch
+
+    def loss(self, logits: Tensor, target: Tensor, labelled: Tensor | None) -> Tensor:
+        return self.criterion(logits, target)
+
+    def _scores(self, model: nn.Module, vols: list[CaseVolume]):
+        data, present = self._slices(vols)
+        model.eval()
+        with torch.no_grad():
+            scores = torch.cat(
+                [
+                    torch.softmax(model(torch.stack([data[i]["image"] for i in chunk])), 1)[:, 1]
+                    for chunk in torch.arange(len(data)).split(32)
+                ]
+            )
+        return data, present, scores
+
+    def validate(self, model: nn.Module, vols: list[CaseVolume]) -> float:
+        _, present, scores = self._scores(model, vols)
+        value = auroc(scores.numpy(), present.numpy())
+        return 0.0 if math.isnan(value) else value
+
+    def evaluate(self, model: nn.Module, vols: list[CaseVolume], out_dir: Path):
+        data, present, scores = self._scores(model, vols)
+        lines = ["case,slice,score,target"] + [
+            f"{data[i]['case_id']},{data[i]['slice']},{float(scores[i]):.6f},{int(present[i])}"
+            for i in range(len(data))
+        ]
+        (out_dir / "predictions.csv").write_text("\n".join(lines) + "\n")
+        return [], {
+            "target_class": self.target_name,
+            "auroc": auroc(scores.numpy(), present.numpy()),
+            "test_slices": len(data),
+            "positive_slices": int(present.sum()),
+        }
+
+
+def _is_lesion(name: str) -> bool:
+    return any(w in name.lower() for w in LESION_WORDS)

@@ -1,0 +1,127 @@
+"""Transferable weights: the contract between a run folder and the runs initialised from it.
+
+Every run (pre-training or fine-tuning) writes ``RUN_DIR/transferable.pt``: a dict with
+``backbone`` (the config that rebuilds the backbone via ``build_backbone``), ``method`` (the
+pre-training method's name, ``scratch`` for a model trained from random weights), and
+``state_dict`` (the backbone's weights that the method considers transferable). Fine-tuning from
+``RUN_DIR`` builds the same backbone and loads the keys that match by name and shape, reporting
+loaded / missing / unexpected keys; a file from which nothing loads is an error, not a silent
+random initialisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from medssl_kit.errors import MedsslError
+from medssl_kit.models.export import KeyReport, MonaiSpec, monai_spec, monai_state_dict
+from medssl_kit.models.registry import build_backbone
+from medssl_kit.train.checkpoint import load_checkpoint, save_checkpoint
+
+TRANSFERABLE_NAME = "transferable.pt"
+
+
+def save_transferable(
+    path: str | Path,
+    backbone: nn.Module,
+    method: str,
+    state_dict: dict[str, Tensor] | None = None,
+) -> None:
+    """Write ``backbone``'s config and ``state_dict`` (default: all its weights) atomically."""
+    state = backbone.state_dict() if state_dict is None else state_dict
+    save_checkpoint(
+        path,
+        {
+            "backbone": dict(backbone.config),
+            "method": method,
+            "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        },
+    )
+
+
+def read_transferable(path: str | Path) -> dict[str, Any]:
+    """Load a transferable-weights file (``weights_only``), checking its structure."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TRANSFERABLE_NAME
+    if not path.is_file():
+        raise MedsslError(
+            f"'{path}' does not exist: an init must be 'scratch' or a run folder holding "
+            f"{TRANSFERABLE_NAME} (written by `medssl pretrain` or `medssl finetune`)"
+        )
+    data = load_checkpoint(path)
+    if not {"backbone", "method", "state_dict"} <= set(data):
+        raise MedsslError(
+            f"'{path}' is not a medssl_kit transferable-weights file "
+            "(expected keys 'backbone', 'method', 'state_dict')"
+        )
+    return data
+
+
+def load_transferable(backbone: nn.Module, path: str | Path) -> KeyReport:
+    """Load the matching weights of ``path`` into ``backbone``; fail when nothing matches."""
+    data = read_transferable(path)
+    report = KeyReport.compare(backbone.state_dict(), data["state_dict"])
+    if not report.matched:
+        raise MedsslError(
+            f"no weight of '{path}' fits the '{backbone.name}' backbone being fine-tuned "
+            f"({report.summary().splitlines()[0]}); was it pre-trained with another backbone "
+            "or input size?"
+        )
+    backbone.load_state_dict({k: data["state_dict"][k] for k in report.matched}, strict=False)
+    return report
+
+
+def export_run(run_dir: str | Path, target: str, out: str | Path) -> tuple[KeyReport, MonaiSpec]:
+    """Write a run's transferable weights under the key names of the matching MONAI network.
+
+    The run's backbone is rebuilt (a non-skip unet as a skip unet: every MONAI UNet has skips,
+    and a non-skip encoder transfers into one, as PCRLv2 fine-tunes), its transferable weights
+    are mapped onto ``target``'s network (:mod:`medssl_kit.models.export`) and loaded into a
+    freshly built one to prove they fit. ``out`` holds ``network`` (import path), ``kwargs``
+    (constructor arguments), ``state_dict`` and ``missing`` (the network's keys the run did not
+    pre-train, e.g. the decoder of an encoder-only method): ::
+
+        ckpt = torch.load(out, weights_only=True)
+        net = BasicUNet(**ckpt["kwargs"])
+        net.load_state_dict(ckpt["state_dict"], strict=not ckpt["missing"])
+
+    Returns the key report against the MONAI network and its spec.
+    """
+    data = read_transferable(run_dir)
+    cfg = dict(data["backbone"])
+    name = cfg.pop("name")
+    if "skips" in cfg:
+        cfg["skips"] = True
+    backbone = build_backbone(name, **cfg)
+    source = KeyReport.compare(backbone.state_dict(), data["state_dict"])
+    if not source.matched:
+        raise MedsslError(f"no weight of '{run_dir}' fits its own '{name}' backbone config")
+    backbone.load_state_dict({k: data["state_dict"][k] for k in source.matched}, strict=False)
+    try:
+        spec = monai_spec(backbone, target)
+        renamed = monai_state_dict(backbone, target)
+    except ValueError as err:
+        raise MedsslError(f"cannot export '{run_dir}' to {target}: {err}") from err
+    names = dict(zip(backbone.state_dict(), renamed, strict=True))
+    exported = {names[k]: renamed[names[k]] for k in source.matched}
+    net = spec.build()
+    report = KeyReport.compare(net.state_dict(), exported)
+    if report.unexpected or report.mismatched:
+        raise MedsslError(
+            f"weights of '{run_dir}' do not fit {spec.qualified_name}: {report.summary()}"
+        )
+    net.load_state_dict(exported, strict=False)
+    save_checkpoint(
+        out,
+        {
+            "network": spec.qualified_name,
+            "kwargs": spec.kwargs,
+            "state_dict": exported,
+            "missing": report.missing,
+        },
+    )
+    return report, spec

@@ -1,0 +1,194 @@
+"""Fine-tuning harness: label budgets, run folder, transfer, probe, classify, export."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from monai.networks.nets import BasicUNet
+
+from medssl_kit.cli import main
+from medssl_kit.data.manifest import load_manifest
+from medssl_kit.errors import MedsslError
+from medssl_kit.models.registry import build_backbone
+from medssl_kit.train.checkpoint import load_checkpoint
+from medssl_kit.train.finetune import FinetuneConfig, choose_labeled_cases, finetune
+from medssl_kit.train.transfer import load_transferable, read_transferable, save_transferable
+
+FAST = dict(profile="smoke", steps=4, val_every=2, checkpoint_every=2, batch_size=2)
+
+
+def test_label_budgets_are_seeded_and_nested(tiny_phantom):
+    manifest = load_manifest(tiny_phantom)
+    train = [c.id for c in manifest.split("train")]
+    one, two, every = (choose_labeled_cases(manifest, n, seed=5) for n in (1, 2, "all"))
+    assert len(one) == 1 and len(two) == 2 and sorted(every) == sorted(train)
+    assert two[:1] == one and every[:2] == two  # budgets of one seed are nested
+    assert choose_labeled_cases(manifest, 2, seed=5) == two
+    draws = {tuple(choose_labeled_cases(manifest, 1, seed=s)) for s in range(10)}
+    assert len(draws) > 1  # the seed picks the cases
+    assert len(choose_labeled_cases(manifest, 0.5, seed=0)) == 2  # round(0.5 * 3)
+    with pytest.raises(MedsslError, match="exceeds"):
+        choose_labeled_cases(manifest, 4, seed=0)
+    with pytest.raises(MedsslError, match="budget"):
+        choose_labeled_cases(manifest, -1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def scratch_run(tiny_phantom, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "scratch"
+    result = finetune(
+        "scratch", tiny_phantom, FinetuneConfig(labeled=1, seed=0, **FAST), out, progress=False
+    )
+    return result
+
+
+def test_scratch_run_writes_the_run_folder(scratch_run, tiny_phantom):
+    run = scratch_run.run_dir
+    manifest = load_manifest(tiny_phantom)
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "scratch" and len(config["labeled_cases"]) == 1
+    assert config["labeled_cases"][0] in {c.id for c in manifest.split("train")}
+    df = pd.read_csv(run / "results.csv")
+    tests = {c.id for c in manifest.split("test")}
+    assert set(df["case"]) == tests
+    assert len(df) == len(tests) * len(manifest.foreground_classes)
+    assert {"method", "backbone", "dims", "labeled", "seed", "dice", "hd95", "iou"} <= set(df)
+    assert (df["labeled"] == 1).all() and (df["method"] == "scratch").all()
+    assert df["dice"].dropna().between(0, 1).all()
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "val_score" in r] == [2, 4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_run"] == 4 and summary["best_step"] in (2, 4)
+    assert 0 <= summary["organ_dice"] <= 1
+    header = read_transferable(run)
+    assert header["method"] == "scratch" and header["backbone"]["name"] == "unet"
+
+
+def test_existing_run_folder_is_not_overwritten(scratch_run, tiny_phantom):
+    before = (scratch_run.run_dir / "results.csv").read_bytes()
+    with pytest.raises(MedsslError, match="resume"):
+        finetune("scratch", tiny_phantom, FinetuneConfig(**FAST), scratch_run.run_dir)
+    assert (scratch_run.run_dir / "results.csv").read_bytes() == before
+
+
+def test_transferable_weights_round_trip_and_report(tmp_path):
+    src = build_backbone("unet", 2, 1, 8, channels=(8, 16, 32, 64, 128))
+    save_transferable(
+        tmp_path / "transferable.pt", src, method="demo", state_dict=src.encoder_state_dict()
+    )
+    dst = build_backbone("unet", 2, 1, 8, channels=(8, 16, 32, 64, 128))
+    report = load_transferable(dst, tmp_path)
+    assert report.matched and all(k.startswith("encoder.") for k in report.matched)
+    assert report.missing and all(not k.startswith("encoder.") for k in report.missing)
+    for key in report.matched:
+        assert torch.equal(dst.state_dict()[key], src.state_dict()[key])
+    other = build_backbone("fpn", 2, 1, 8, n_levels=3, base_channels=8)
+    with pytest.raises(MedsslError, match="no weight"):
+        load_transferable(other, tmp_path)
+
+
+def test_init_from_run_reports_keys_and_rejects_another_backbone(
+    scratch_run, tiny_phantom, tmp_path
+):
+    result = finetune(
+        scratch_run.run_dir, tiny_phantom, FinetuneConfig(**FAST), tmp_path / "ft", progress=False
+    )
+    assert result.key_report.complete  # the same backbone: every key loaded
+    assert result.summary["method"] == "scratch"
+    with pytest.raises(MedsslError, match="backbone"):
+        finetune(
+            scratch_run.run_dir,
+            tiny_phantom,
+            FinetuneConfig(backbone="fpn", **FAST),
+            tmp_path / "fpn",
+            progress=False,
+        )
+
+
+def test_probe_trains_only_the_head(scratch_run, tiny_phantom, tmp_path):
+    result = finetune(
+        scratch_run.run_dir,
+        tiny_phantom,
+        FinetuneConfig(mode="probe", **FAST),
+        tmp_path / "probe",
+        progress=False,
+    )
+    before = read_transferable(scratch_run.run_dir)["state_dict"]
+    after = read_transferable(result.run_dir)["state_dict"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("head.") for k in changed)  # BN statistics included
+
+
+def test_classify_mode_reports_auroc(tiny_phantom, tmp_path):
+    # kidneys lie in the middle slices only: both classes occur in every case
+    cfg = FinetuneConfig(mode="classify", target_class="kidney_left", **FAST)
+    result = finetune("scratch", tiny_phantom, cfg, tmp_path / "cls", progress=False)
+    pred = pd.read_csv(result.run_dir / "predictions.csv")
+    assert len(pred) == result.summary["test_slices"] > 0
+    assert pred["score"].between(0, 1).all()
+    assert set(pred["target"]) <= {0, 1}
+    assert result.summary["positive_slices"] == int(pred["target"].sum())
+    assert not (result.run_dir / "results.csv").exists()
+    assert pred["target"].nunique() == 2 and 0 <= result.summary["auroc"] <= 1
+
+
+def test_classify_needs_positive_and_negative_slices(tiny_phantom, tmp_path):
+    manifest = load_manifest(tiny_phantom)
+    cfg = FinetuneConfig(mode="classify", target_class="vertebra", **FAST)  # in every slice
+    with pytest.raises(MedsslError, match="with and without 'vertebra'"):
+        finetune("scratch", manifest, cfg, tmp_path / "v", progress=False)
+    with pytest.raises(MedsslError, match="no class named 'pancreas'"):
+        finetune(
+            "scratch",
+            manifest,
+            FinetuneConfig(mode="classify", target_class="pancreas", **FAST),
+            tmp_path / "p",
+            progress=False,
+        )
+
+
+def test_export_loads_into_monai_basic_unet(scratch_run, tmp_path, capsys):
+    out = tmp_path / "unet.pt"
+    assert main(["export", str(scratch_run.run_dir), "--to", "monai-unet", "--out", str(out)]) == 0
+    assert "BasicUNet" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt["missing"] == []
+    net = BasicUNet(**ckpt["kwargs"])
+    net.load_state_dict(ckpt["state_dict"], strict=True)
+    ours = build_backbone(**{**read_transferable(scratch_run.run_dir)["backbone"]})
+    ours.load_state_dict(read_transferable(scratch_run.run_dir)["state_dict"])
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), ours.eval()(x), atol=1e-5)
+
+
+def test_cli_finetune_prints_summary_and_fails_cleanly(tiny_phantom, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = [
+        "finetune",
+        "--manifest",
+        str(tiny_phantom),
+        "--profile",
+        "smoke",
+        "--labeled",
+        "1",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--set",
+        "val_every=2",
+        "--set",
+        "batch_size=2",
+    ]
+    assert main(args) == 0
+    assert "organ_dice=" in capsys.readouterr().out
+    assert main(args) == 1  # the folder holds a run now
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resume" in err and "Traceback" not in err
+    assert main([*args[:-4], "--set", "nonsense=1"]) == 2
+    assert "unknown setting" in capsys.readouterr().err
