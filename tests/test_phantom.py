@@ -1,0 +1,462 @@
+"""Tests of the procedural abdominal phantom (DESIGN §2.1) and the files make_phantom writes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from medssl_kit.config import PROFILES
+from medssl_kit.data.phantom import (
+    DEFAULT_FOV_MM,
+    DEFAULT_SHAPE,
+    LABELS,
+    SOURCE_CLASSES,
+    Tissue,
+    default_split,
+    generate_case,
+    make_phantom,
+)
+from medssl_kit.errors import ManifestError
+
+SMALL = (16, 64, 64)
+IN_PLANE = np.ones((1, 3, 3), dtype=bool)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """In-plane erosion: drops the voxels blurred by partial volume with neighbours."""
+    return ndimage.binary_erosion(mask, structure=IN_PLANE)
+
+
+def _read(path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj).transpose(2, 1, 0), img.affine, img
+
+
+@pytest.fixture(scope="module")
+def ct_cases():
+    return [generate_case(i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def mri_cases():
+    return [generate_case(i, modality="mri") for i in range(6)]
+
+
+# --- determinism, shape, spacing ---------------------------------------------------------------
+
+
+def test_same_arguments_give_identical_bytes_and_seeds_differ():
+    a = generate_case(3, seed=7, shape=SMALL)
+    b = generate_case(3, seed=7, shape=SMALL)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert a.label.tobytes() == b.label.tobytes()
+    assert a.spacing == b.spacing
+    other_seed = generate_case(3, seed=8, shape=SMALL)
+    other_case = generate_case(4, seed=7, shape=SMALL)
+    for other in (other_seed, other_case):
+        assert not np.array_equal(a.image, other.image)
+        assert not np.array_equal(a.label, other.label)
+
+
+def test_dtypes_shapes_and_ids():
+    case = generate_case(12, shape=SMALL)
+    assert case.image.dtype == np.float32 and case.image.shape == SMALL
+    assert case.label.dtype == np.uint8 and case.label.shape == SMALL
+    assert case.case_id == "case_012" and case.source is None
+    assert set(np.unique(case.label)) <= set(LABELS)
+    # CT is integer HU within the scanner range.
+    assert np.array_equal(case.image, np.rint(case.image))
+    assert case.image.min() >= -1024 and case.image.max() <= 3071
+
+
+def test_spacing_default_jitters_z_only_and_explicit_spacing_is_exact(ct_cases):
+    d, h, w = DEFAULT_SHAPE
+    z_spacings = []
+    for case in ct_cases:
+        sz, sy, sx = case.spacing
+        assert sy == DEFAULT_FOV_MM[1] / h and sx == DEFAULT_FOV_MM[2] / w
+        assert 0.85 * DEFAULT_FOV_MM[0] / d <= sz <= 1.15 * DEFAULT_FOV_MM[0] / d
+        z_spacings.append(sz)
+    assert max(z_spacings) - min(z_spacings) > 0.2  # slice spacing varies between cases
+    explicit = generate_case(0, shape=SMALL, spacing=(12.5, 5.0, 4.5))
+    assert explicit.spacing == (12.5, 5.0, 4.5)
+
+
+def test_anatomy_is_defined_in_millimetres():
+    """The same case sampled on a coarse and a fine grid puts the organs at the same place."""
+    coarse = generate_case(5, shape=(24, 64, 64))
+    fine = generate_case(5, shape=(48, 128, 128))
+    assert coarse.spacing[0] == pytest.approx(2 * fine.spacing[0])
+    for label in (1, 2, 3, 4, 6):
+        centres = []
+        for case in (coarse, fine):
+            idx = np.argwhere(case.label == label).mean(axis=0)
+            shape = np.array(case.label.shape)
+            centres.append((idx + 0.5 - shape / 2) * np.array(case.spacing))
+        assert np.abs(centres[0] - centres[1]).max() < 6.0, LABELS[label]
+    volume = [(c.label == 1).sum() * np.prod(c.spacing) for c in (coarse, fine)]
+    assert volume[0] == pytest.approx(volume[1], rel=0.1)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="modality"):
+        generate_case(0, shape=SMALL, modality="pet")
+    with pytest.raises(ValueError, match="source"):
+        generate_case(0, shape=SMALL, source="D")
+    with pytest.raises(ValueError, match="shape"):
+        generate_case(0, shape=(2, 64, 64))
+    with pytest.raises(ValueError, match="spacing"):
+        generate_case(0, shape=SMALL, spacing=(1.0, -1.0, 1.0))
+
+
+# --- anatomy -----------------------------------------------------------------------------------
+
+
+def test_all_organs_present_and_plausible(ct_cases):
+    for case in ct_cases:
+        voxel_ml = np.prod(case.spacing) / 1000
+        present = set(np.unique(case.label))
+        assert {0, 1, 2, 3, 4, 5, 6} <= present, case.case_id
+        volumes = {k: (case.label == k).sum() * voxel_ml for k in range(1, 7)}
+        assert 700 < volumes[1] < 2800, volumes  # liver, ml
+        assert 60 < volumes[2] < 350, volumes  # spleen
+        assert 40 < volumes[3] < 250 and 40 < volumes[4] < 250, volumes  # kidneys
+    # Aorta and vertebra run the full length of the scan.
+    for case in ct_cases:
+        for label in (5, 6):
+            assert (case.label == label).any(axis=(1, 2)).all(), (case.case_id, LABELS[label])
+
+
+def test_lesions_small_few_inside_liver(ct_cases):
+    counts = []
+    for case in ct_cases:
+        lesions, n = ndimage.label(case.label == 7, structure=np.ones((3, 3, 3)))
+        counts.append(n)
+        assert n <= 3
+        voxel = np.prod(case.spacing)
+        for j in range(1, n + 1):
+            mask = lesions == j
+            diameter = (6 * mask.sum() * voxel / np.pi) ** (1 / 3)
+            assert 2.5 <= diameter <= 13.0, (case.case_id, diameter)
+            for axis, spacing in enumerate(case.spacing):
+                extent = np.ptp(np.nonzero(mask)[axis]) * spacing
+                assert extent <= 12.0 * 1.15 + spacing, (case.case_id, axis, extent)
+            # Surrounded by liver: the in-plane ring around the lesion is liver.
+            ring = ndimage.binary_dilation(mask, structure=IN_PLANE) & ~mask
+            assert np.isin(case.label[ring], (1, 7)).mean() > 0.95, case.case_id
+    assert sum(c > 0 for c in counts) >= 3  # lesions appear in a handful of cases
+    assert 0 in counts or len(set(counts)) > 1  # and their number varies
+
+
+def test_lesion_contrast_is_low(ct_cases):
+    contrasts = []
+    for case in ct_cases:
+        lesions, n = ndimage.label(case.label == 7)
+        liver = np.median(case.image[_erode(case.tissue == Tissue.LIVER)])
+        for j in range(1, n + 1):
+            mask = lesions == j
+            if mask.sum() >= 6:  # large enough to escape partial volume
+                contrasts.append(abs(np.median(case.image[mask]) - liver))
+    # 15-40 HU by design; a median over a few noisy voxels (sigma up to 25 HU) spreads it.
+    assert contrasts and max(contrasts) < 75 and 5 < np.median(contrasts) < 45
+
+
+def test_hounsfield_units_by_structure(ct_cases):
+    ranges = {1: (40, 95), 2: (30, 75), 3: (100, 175), 4: (100, 175), 5: (150, 205), 6: (400, 900)}
+    tissue_ranges = {
+        Tissue.SUBCUTANEOUS_FAT: (-125, -75),
+        Tissue.MUSCLE: (35, 70),
+        Tissue.LUNG: (-900, -780),
+    }
+    for case in ct_cases:
+        means = {k: case.image[_erode(case.label == k)].mean() for k in ranges}
+        for k, (lo, hi) in ranges.items():
+            assert lo <= means[k] <= hi, (case.case_id, LABELS[k], means[k])
+        for t, (lo, hi) in tissue_ranges.items():
+            mean = case.image[_erode(case.tissue == t)].mean()
+            assert lo <= mean <= hi, (case.case_id, t.name, mean)
+        # Liver and spleen are close in HU: only shape and position tell them apart.
+        liver = case.image[_erode(case.tissue == Tissue.LIVER)].mean()
+        spleen = case.image[_erode(case.tissue == Tissue.SPLEEN)].mean()
+        assert abs(liver - spleen) < 25, case.case_id
+
+
+def test_left_right_and_anterior_posterior_layout(ct_cases):
+    """x index grows to the patient's right, y index anteriorly (RAS)."""
+    for case in ct_cases:
+        w = case.label.shape[2]
+        centre = {k: np.argwhere(case.label == k).mean(axis=0) for k in (1, 2, 3, 4, 5, 6)}
+        assert centre[1][2] > w / 2 > centre[2][2]  # liver right, spleen left
+        assert centre[4][2] > w / 2 > centre[3][2]  # right / left kidney
+        assert centre[5][1] > centre[6][1]  # aorta anterior to the vertebra
+        assert centre[5][2] < centre[6][2]  # ... and to its left
+        assert centre[1][0] > centre[3][0]  # liver above the kidneys
+
+
+def test_left_kidney_higher_than_right(ct_cases):
+    offsets = []
+    for case in ct_cases:
+        z = {k: np.argwhere(case.label == k)[:, 0] for k in (3, 4)}
+        offsets.append((z[3].max() - z[4].max()) * case.spacing[0])  # upper poles, mm
+    assert np.mean(offsets) > 5 and np.mean(np.array(offsets) >= 0) >= 0.75
+
+
+def test_lungs_only_in_upper_slices_and_kidneys_absent_at_the_top(ct_cases):
+    for case in ct_cases:
+        d = case.label.shape[0]
+        lung_slices = np.flatnonzero((case.tissue == Tissue.LUNG).any(axis=(1, 2)))
+        assert lung_slices.size and lung_slices.min() >= d // 2, case.case_id
+        assert lung_slices.max() == d - 1  # the scan starts at the lung bases
+        kidney_slices = np.flatnonzero(np.isin(case.label, (3, 4)).any(axis=(1, 2)))
+        assert kidney_slices.max() < int(0.8 * d), case.case_id
+
+
+def test_unlabelled_context_is_present(ct_cases):
+    """Fat, muscle, bowel (gas and soft tissue), ribs and lungs exist but are background."""
+    context = (
+        Tissue.SUBCUTANEOUS_FAT,
+        Tissue.MUSCLE,
+        Tissue.BOWEL_CONTENT,
+        Tissue.BOWEL_GAS,
+        Tissue.RIB,
+        Tissue.LUNG,
+        Tissue.PANCREAS,
+        Tissue.IVC,
+    )
+    for case in ct_cases:
+        for t in context:
+            mask = case.tissue == t
+            assert mask.any(), (case.case_id, t.name)
+            assert (case.label[mask] == 0).all()
+        # Bowel gas lies in the lower abdomen.
+        gas_z = np.argwhere(case.tissue == Tissue.BOWEL_GAS)[:, 0]
+        assert np.median(gas_z) < case.label.shape[0] / 2
+
+
+def test_cases_vary(ct_cases):
+    def variation(values):
+        return np.std(values) / np.mean(values)
+
+    middle = [
+        (c.tissue[c.tissue.shape[0] // 2] > 0).sum() * np.prod(c.spacing[1:]) for c in ct_cases
+    ]
+    assert variation(middle) > 0.04  # body size and shape (cross-section area, mm2)
+    livers = [(c.label == 1).sum() * np.prod(c.spacing) for c in ct_cases]
+    assert variation(livers) > 0.08  # organ size
+
+
+def test_noise_is_correlated_and_varies_between_cases(ct_cases):
+    sigmas, correlations = [], []
+    for case in ct_cases:
+        residual = case.image - ndimage.gaussian_filter(case.image, (0.5, 2, 2))
+        liver = _erode(case.tissue == Tissue.LIVER)
+        values = residual[liver]
+        sigmas.append(1.4826 * np.median(np.abs(values - np.median(values))))
+        pair = liver[:, :, :-1] & liver[:, :, 1:]
+        a, b = residual[:, :, :-1][pair], residual[:, :, 1:][pair]
+        correlations.append(np.corrcoef(a, b)[0, 1])
+    assert min(sigmas) > 4 and max(sigmas) < 35
+    assert max(sigmas) / min(sigmas) > 1.2
+    assert min(correlations) > 0.25  # white noise would give about -0.1 after the high-pass
+
+
+# --- MRI ---------------------------------------------------------------------------------------
+
+
+def _fat_gradient(case, transform) -> float:
+    """Gradient (per 100 mm) of a plane fitted to transform(intensity) in subcutaneous fat."""
+    fat = _erode(case.tissue == Tissue.SUBCUTANEOUS_FAT)
+    coords = np.argwhere(fat) * np.array(case.spacing)
+    design = np.c_[coords, np.ones(len(coords))]
+    coef = np.linalg.lstsq(design, transform(case.image[fat]), rcond=None)[0]
+    return float(np.linalg.norm(coef[:3]) * 100)
+
+
+def test_mri_same_anatomy_other_contrast_with_bias_field(ct_cases, mri_cases):
+    compared = (Tissue.SUBCUTANEOUS_FAT, Tissue.LIVER, Tissue.SPLEEN, Tissue.AORTA, Tissue.MUSCLE)
+    liver_over_spleen, mri_gradients, ct_gradients = [], [], []
+    for ct, mr in zip(ct_cases, mri_cases, strict=False):
+        assert np.array_equal(ct.label, mr.label) and ct.spacing == mr.spacing
+        assert mr.image.dtype == np.float32 and np.isfinite(mr.image).all()
+        assert mr.image.min() >= 0
+        mean = {t: mr.image[_erode(mr.tissue == t)].mean() for t in compared}
+        ct_mean = {t: ct.image[_erode(ct.tissue == t)].mean() for t in compared}
+        # T1-like: fat brightest, flowing blood dark; in CT fat is darkest and the aorta bright.
+        assert mean[Tissue.SUBCUTANEOUS_FAT] > mean[Tissue.LIVER] > mean[Tissue.AORTA]
+        assert mean[Tissue.AORTA] < mean[Tissue.MUSCLE]
+        assert ct_mean[Tissue.SUBCUTANEOUS_FAT] < ct_mean[Tissue.LIVER] < ct_mean[Tissue.AORTA]
+        liver_over_spleen.append(mean[Tissue.LIVER] / mean[Tissue.SPLEEN])
+        # Bias field: a smooth multiplicative trend across the body in MRI, none in CT.
+        mri_gradients.append(_fat_gradient(mr, np.log))
+        ct_gradients.append(_fat_gradient(ct, lambda hu: hu / -100.0))
+    assert np.median(liver_over_spleen) > 1.05  # liver brighter than spleen on T1 (bias aside)
+    assert np.median(mri_gradients) > 0.08 and max(ct_gradients) < 0.05
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+
+def test_source_cases_keep_only_their_classes():
+    full = generate_case(2, shape=SMALL)
+    for source, classes in SOURCE_CLASSES.items():
+        partial = generate_case(2, shape=SMALL, source=source)
+        assert partial.source == source
+        assert np.array_equal(partial.image, full.image)
+        keep = np.isin(full.label, classes)
+        assert np.array_equal(partial.label[keep], full.label[keep])
+        assert (partial.label[~keep] == 0).all()
+        assert set(np.unique(partial.label)) <= {0, *classes}
+
+
+def test_make_phantom_with_sources(tmp_path):
+    manifest_path = make_phantom(tmp_path, cases=6, shape=SMALL, sources=["A", "B", "C"])
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["sources"] == {"A": [1, 7], "B": [3, 4], "C": [2, 5]}
+    assert [c["source"] for c in manifest["cases"]] == ["A", "B", "C", "A", "B", "C"]
+    for entry in manifest["cases"]:
+        label, _, _ = _read(tmp_path / entry["label"])
+        assert set(np.unique(label)) <= {0, *SOURCE_CLASSES[entry["source"]]}
+    b_label, _, _ = _read(tmp_path / "labelsTr" / "case_001.nii.gz")
+    assert {3, 4} <= set(np.unique(b_label))
+
+
+# --- make_phantom ------------------------------------------------------------------------------
+
+
+def test_make_phantom_round_trip_and_manifest(tmp_path):
+    manifest_path = make_phantom(tmp_path / "ph", cases=5, seed=3, shape=SMALL, workers=2)
+    assert manifest_path == tmp_path / "ph" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["name"] == "phantom-abdomen" and manifest["modality"] == "CT"
+    assert manifest["base_dir"] == "."
+    assert manifest["labels"] == {str(k): v for k, v in LABELS.items()}
+    assert manifest["ignore_index"] == 255
+    assert manifest["intensity"] == {"window": [-200, 300]}
+    assert manifest["generator"]["seed"] == 3 and manifest["generator"]["cases"] == 5
+    assert "sources" not in manifest
+    assert [c["id"] for c in manifest["cases"]] == [f"case_{i:03d}" for i in range(5)]
+    splits = [c["split"] for c in manifest["cases"]]
+    assert {s: splits.count(s) for s in set(splits)} == {
+        k: v for k, v in default_split(5).items() if v
+    }
+    for i, entry in enumerate(manifest["cases"]):
+        assert "source" not in entry
+        expected = generate_case(i, seed=3, shape=SMALL)
+        image, affine, img = _read(manifest_path.parent / entry["image"])
+        label, label_affine, label_img = _read(manifest_path.parent / entry["label"])
+        assert img.get_data_dtype() == np.int16 and label_img.get_data_dtype() == np.uint8
+        assert np.array_equal(image.astype(np.float32), expected.image)
+        assert np.array_equal(label, expected.label)
+        sz, sy, sx = expected.spacing
+        assert np.allclose(affine, np.diag([sx, sy, sz, 1.0]))
+        assert np.allclose(label_affine, affine)
+        assert nib.aff2axcodes(affine) == ("R", "A", "S")
+    assert not list(manifest_path.parent.rglob(".tmp-*"))
+
+
+def test_make_phantom_mri_and_explicit_split(tmp_path):
+    split = {"pretrain": 1, "train": 2, "val": 0, "test": 1}
+    path = make_phantom(tmp_path, cases=4, shape=SMALL, modality="mri", split=split, workers=1)
+    manifest = json.loads(path.read_text())
+    assert manifest["name"] == "phantom-abdomen-mri" and manifest["modality"] == "MR"
+    assert manifest["intensity"] == {"percentiles": [0.5, 99.5]}
+    splits = [c["split"] for c in manifest["cases"]]
+    assert {k: splits.count(k) for k in split} == split
+    image, _, img = _read(tmp_path / "imagesTr" / "case_002.nii.gz")
+    assert img.get_data_dtype() == np.float32
+    assert np.array_equal(image, generate_case(2, shape=SMALL, modality="mri").image)
+    with pytest.raises(ValueError, match="add up"):
+        make_phantom(tmp_path / "other", cases=4, shape=SMALL, split={"train": 5})
+
+
+def test_split_is_seeded(tmp_path):
+    def splits(folder, seed):
+        path = make_phantom(tmp_path / folder, cases=10, seed=seed, shape=(4, 16, 16), workers=1)
+        return [c["split"] for c in json.loads(path.read_text())["cases"]]
+
+    first = splits("a", 0)
+    assert splits("b", 0) == first
+    assert any(splits(f"s{seed}", seed) != first for seed in (1, 2, 3))
+
+
+def test_default_split_counts():
+    assert default_split(40) == PROFILES["cpu"].phantom.split
+    assert default_split(8) == PROFILES["smoke"].phantom.split
+    assert default_split(4) == {"pretrain": 1, "train": 1, "val": 1, "test": 1}
+    for n in range(4, 60):
+        counts = default_split(n)
+        assert sum(counts.values()) == n and min(counts.values()) >= 1
+    with pytest.raises(ValueError, match="at least 4"):
+        default_split(3)
+
+
+def test_refuses_foreign_manifest_and_user_files(tmp_path):
+    foreign = tmp_path / "manifest.json"
+    foreign.write_text('{"name": "my-precious-dataset", "cases": []}')
+    with pytest.raises(ManifestError, match="did not write"):
+        make_phantom(tmp_path, cases=4, shape=SMALL)
+    assert foreign.read_text() == '{"name": "my-precious-dataset", "cases": []}'
+    assert not (tmp_path / "imagesTr").exists()
+
+    user = tmp_path / "user"
+    (user / "imagesTr").mkdir(parents=True)
+    (user / "imagesTr" / "case_000.nii.gz").write_bytes(b"user data")
+    with pytest.raises(ManifestError, match="refusing"):
+        make_phantom(user, cases=4, shape=SMALL)
+    assert (user / "imagesTr" / "case_000.nii.gz").read_bytes() == b"user data"
+
+
+def test_overwrites_its_own_previous_phantom(tmp_path):
+    make_phantom(tmp_path, cases=6, seed=0, shape=SMALL, workers=1)
+    path = make_phantom(tmp_path, cases=4, seed=1, shape=SMALL, workers=1)
+    manifest = json.loads(path.read_text())
+    assert len(manifest["cases"]) == 4 and manifest["generator"]["seed"] == 1
+    assert sorted(p.name for p in (tmp_path / "imagesTr").iterdir()) == [
+        f"case_{i:03d}.nii.gz" for i in range(4)
+    ]
+    image, _, _ = _read(tmp_path / "imagesTr" / "case_000.nii.gz")
+    assert np.array_equal(image.astype(np.float32), generate_case(0, seed=1, shape=SMALL).image)
+
+
+def test_interrupted_run_leaves_a_placeholder_and_can_be_rerun(tmp_path, monkeypatch):
+    import medssl_kit.data.phantom as phantom
+
+    calls = []
+
+    def failing_write(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return original(job)
+
+    original = phantom._write_case
+    monkeypatch.setattr(phantom, "_write_case", failing_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        make_phantom(tmp_path, cases=4, shape=SMALL, workers=1)
+    placeholder = json.loads((tmp_path / "manifest.json").read_text())
+    assert placeholder["cases"] == [] and placeholder["generator"]["status"] == "incomplete"
+    monkeypatch.setattr(phantom, "_write_case", original)
+    manifest = json.loads(make_phantom(tmp_path, cases=4, shape=SMALL, workers=1).read_text())
+    assert len(manifest["cases"]) == 4 and "status" not in manifest["generator"]
+
+
+def test_monai_reads_the_files_in_ras_unchanged(tmp_path):
+    monai_transforms = pytest.importorskip("monai.transforms")
+    path = make_phantom(tmp_path, cases=4, shape=SMALL, workers=1)
+    load = monai_transforms.Compose(
+        [
+            monai_transforms.LoadImage(image_only=True),
+            monai_transforms.EnsureChannelFirst(),
+            monai_transforms.Orientation(axcodes="RAS"),
+        ]
+    )
+    expected = generate_case(1, shape=SMALL)
+    for key, array in (("image", expected.image), ("label", expected.label)):
+        tensor = load(str(path.parent / f"{key}sTr" / "case_001.nii.gz"))
+        assert np.array_equal(np.asarray(tensor[0]).transpose(2, 1, 0), array)
+    sz, sy, sx = expected.spacing
+    assert np.allclose(np.asarray(tensor.affine), np.diag([sx, sy, sz, 1.0]))
