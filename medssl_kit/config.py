@@ -43,10 +43,22 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
+class PretrainSettings:
+    """Budgets of one pre-training run; a method's own per-profile defaults refine them."""
+
+    steps: int
+    batch_size: int
+    checkpoint_every: int
+    crop_size: tuple[int, ...]  # 2D view size (H, W); 3D methods use patch_size
+    patch_size: tuple[int, int, int]  # 3D crops (D, H, W)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     phantom: PhantomSettings
     finetune: FinetuneSettings
+    pretrain: PretrainSettings
 
 
 PROFILES: dict[str, Profile] = {
@@ -65,6 +77,13 @@ PROFILES: dict[str, Profile] = {
             patch_size=(16, 32, 32),
             batch_size_3d=2,
         ),
+        pretrain=PretrainSettings(
+            steps=4,
+            batch_size=2,
+            checkpoint_every=2,
+            crop_size=(48, 48),
+            patch_size=(16, 32, 32),
+        ),
     ),
     "cpu": Profile(
         name="cpu",
@@ -80,6 +99,13 @@ PROFILES: dict[str, Profile] = {
             channels=(16, 32, 64, 128, 256),
             patch_size=(32, 64, 64),
             batch_size_3d=2,
+        ),
+        pretrain=PretrainSettings(
+            steps=1000,
+            batch_size=8,
+            checkpoint_every=100,
+            crop_size=(96, 96),
+            patch_size=(32, 64, 64),
         ),
     ),
     "gpu": Profile(
@@ -98,6 +124,13 @@ PROFILES: dict[str, Profile] = {
             channels=(32, 64, 128, 256, 512),
             patch_size=(64, 128, 128),
             batch_size_3d=2,
+        ),
+        pretrain=PretrainSettings(
+            steps=20000,
+            batch_size=8,
+            checkpoint_every=1000,
+            crop_size=(224, 224),
+            patch_size=(64, 128, 128),
         ),
     ),
 }

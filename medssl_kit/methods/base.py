@@ -1,0 +1,78 @@
+"""The interface every pre-training method implements (DESIGN §4.0).
+
+The loop (:func:`medssl_kit.train.pretrain.pretrain`) knows nothing method-specific: it draws
+dataset items, asks the method to turn them into a batch, calls ``forward`` for a dict of named
+loss terms (``"loss"`` is optimised, every term is logged), steps the optimizer, then calls
+``on_step_end`` (EMA teachers, schedules). After training it saves ``transferable_state()``.
+
+A method declares which dataset it consumes (``dataset_kind``):
+
+- ``"slices"``: :class:`~medssl_kit.data.datasets.SliceDataset` items (2D methods);
+- ``"sequences"``: :class:`~medssl_kit.data.datasets.SliceSequenceDataset` items (SSMTL);
+- ``"patches"``: :class:`~medssl_kit.data.datasets.PatchDataset` items (3D methods);
+- ``"volumes"``: whole :class:`~medssl_kit.data.io.CaseVolume` objects (methods that crop
+  themselves, e.g. PCRLv2's sub-crop or two overlapping crops of one volume).
+
+and its defaults: ``default_config(profile)`` returns the method's own settings plus overrides of
+the loop's settings (optimizer, lr, steps, ...), following its paper; deviations are documented
+in the method's docstring.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+DATASET_KINDS = ("slices", "sequences", "patches", "volumes")
+
+
+class PretrainMethod(nn.Module):
+    """Base class of the pre-training methods.
+
+    Args:
+        backbone: a backbone of the family (``build_backbone``); the method owns it as
+            ``self.backbone`` and may wrap it with heads, teachers, predictors.
+        cfg: the method's settings (``default_config(profile)`` merged with user overrides).
+    """
+
+    name: ClassVar[str]
+    spatial_dims: ClassVar[tuple[int, ...]]
+    dataset_kind: ClassVar[str] = "slices"
+    default_backbone: ClassVar[str] = "unet"
+
+    def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
+        super().__init__()
+        if backbone.spatial_dims not in self.spatial_dims:
+            raise ValueError(
+                f"method '{self.name}' supports {self.spatial_dims}-D backbones, "
+                f"got a {backbone.spatial_dims}-D one"
+            )
+        self.backbone = backbone
+        self.cfg: dict[str, Any] = dict(cfg or {})
+
+    @classmethod
+    def default_config(cls, profile: str) -> dict[str, Any]:
+        """Settings for ``profile``: the method's own keys and loop overrides (see pretrain)."""
+        return {}
+
+    @classmethod
+    def backbone_kwargs(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
+        """Backbone options the method needs (e.g. decoder dropout, skips off)."""
+        return {}
+
+    def make_batch(self, items: list[Any], generator: torch.Generator) -> dict[str, Tensor]:
+        """Turn dataset items into the tensors ``forward`` consumes (views, targets...)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Return ``{"loss": scalar, <term>: scalar, ...}``; every entry is logged."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """Called after each optimizer step (``step`` counts from 1)."""
+
+    def transferable_state(self) -> dict[str, Tensor]:
+        """The backbone weights a fine-tuning run starts from (default: all of them)."""
+        return self.backbone.state_dict()

@@ -1,0 +1,35 @@
+"""Method registry: ``get_method(name)`` and ``available_methods()``."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from medssl_kit.errors import MedsslError
+from medssl_kit.methods.base import PretrainMethod
+
+# name -> "module:Class"; modules are imported on demand so one method's import cost or
+# optional dependency never burdens another.
+_METHODS: dict[str, str | type[PretrainMethod]] = {}
+
+
+def register(name: str, target: str | type[PretrainMethod]) -> None:
+    """Register ``target`` (a class, or ``"package.module:Class"``) under ``name``."""
+    _METHODS[name] = target
+
+
+def available_methods() -> list[str]:
+    """Names of the registered pre-training methods."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[PretrainMethod]:
+    """The :class:`PretrainMethod` subclass registered as ``name``."""
+    if name not in _METHODS:
+        raise MedsslError(
+            f"unknown pre-training method '{name}'; available: {', '.join(available_methods())}"
+        )
+    target = _METHODS[name]
+    if not isinstance(target, str):
+        return target
+    module, _, cls = target.partition(":")
+    return getattr(import_module(module), cls)
