@@ -253,6 +253,66 @@ def _run_import_msd(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 # --------------------------------------------------------------------------------------------
+# pretrain
+
+
+def _add_pretrain(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised pre-training of a backbone with one method",
+        description="Pre-train on the images of the manifest's pretrain and train splits (labels "
+        "unused) and write the run folder (config.json, metrics.jsonl, checkpoint.pt, "
+        "transferable.pt, summary.json) that `medssl finetune --init RUN_DIR` consumes.",
+    )
+    p.add_argument("--method", required=True, metavar="NAME")
+    p.add_argument("--manifest", required=True, metavar="M", help="manifest file or folder")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--backbone", metavar="NAME", help="default: the method's")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="override the profile")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--set",
+        type=_set_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a loop setting (lr, optimizer, batch_size, ...) or a method setting (JSON values)",
+    )
+    p.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from medssl_kit.methods.registry import get_method
+    from medssl_kit.train.pretrain import PretrainConfig, run_pretraining
+
+    get_method(args.method)  # fail on an unknown name before anything is read
+    cfg = PretrainConfig(
+        method=args.method,
+        profile=args.profile,
+        seed=args.seed,
+        dims=args.dims,
+        backbone=args.backbone,
+        steps=args.steps,
+    )
+    loop = {f.name for f in fields(PretrainConfig)}
+    _apply_overrides(cfg, [(k, v) for k, v in args.set if k in loop])
+    cfg.method_cfg.update({k: v for k, v in args.set if k not in loop})
+    result = run_pretraining(cfg, args.manifest, args.out, resume=args.resume)
+    s = result.summary
+    print(
+        f"{s['method']}: {s['steps']} steps, final loss {s['final_loss']:.4g}, "
+        f"{s['median_seconds_per_step']:.3f} s/step, {s['wall_time_s']:.1f} s"
+    )
+    print(f"run folder: {result.run_dir}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 # finetune
 
 
@@ -382,6 +442,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,
     _add_validate,
     _add_import_msd,
+    _add_pretrain,
     _add_finetune,
     _add_export,
 )

@@ -155,3 +155,19 @@ def test_warmup_cosine_schedule():
         opt.step()
         sched.step()
     assert sched.get_last_lr()[0] == pytest.approx(0.5**0.9)
+
+
+def test_cli_pretrain_routes_settings(tiny_phantom, tmp_path, capsys):
+    from medssl_kit.cli import main
+
+    out = tmp_path / "cli"
+    args = ["pretrain", "--method", "toy_denoise", "--manifest", str(tiny_phantom),
+            "--profile", "smoke", "--out", str(out), "--steps", "3",
+            "--set", "noise=0.25", "--set", "lr=0.01"]  # fmt: skip
+    assert main(args) == 0
+    assert "toy_denoise: 3 steps" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["lr"] == 0.01 and config["method_cfg"]["noise"] == 0.25
+    assert main(args) == 1 and "already holds a run" in capsys.readouterr().err
+    assert main([*args[:3], "nope", *args[4:]]) == 1
+    assert "unknown pre-training method 'nope'" in capsys.readouterr().err
