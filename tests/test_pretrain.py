@@ -169,5 +169,5 @@ def test_cli_pretrain_routes_settings(tiny_phantom, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["lr"] == 0.01 and config["method_cfg"]["noise"] == 0.25
     assert main(args) == 1 and "already holds a run" in capsys.readouterr().err
-    assert main([*args[:3], "nope", *args[4:]]) == 1
+    assert main([*args[:2], "nope", *args[3:]]) == 1
     assert "unknown pre-training method 'nope'" in capsys.readouterr().err
