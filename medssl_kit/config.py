@@ -37,6 +37,7 @@ class FinetuneSettings:
     patience: int  # validations without improvement before stopping
     checkpoint_every: int
     channels: tuple[int, ...]  # widths of the ``unet`` backbone
+    crop_size: tuple[int, int]  # 2D training crops (H, W); inference runs on whole slices
     patch_size: tuple[int, int, int]  # 3D training patches / sliding-window ROI (D, H, W)
     batch_size_3d: int
     lr: float = 1e-3
@@ -74,6 +75,7 @@ PROFILES: dict[str, Profile] = {
             patience=2,
             checkpoint_every=3,
             channels=(8, 16, 32, 64, 128),
+            crop_size=(48, 48),
             patch_size=(16, 32, 32),
             batch_size_3d=2,
         ),
@@ -97,6 +99,7 @@ PROFILES: dict[str, Profile] = {
             patience=4,
             checkpoint_every=50,
             channels=(16, 32, 64, 128, 256),
+            crop_size=(96, 96),
             patch_size=(32, 64, 64),
             batch_size_3d=2,
         ),
@@ -122,6 +125,7 @@ PROFILES: dict[str, Profile] = {
             patience=6,
             checkpoint_every=250,
             channels=(32, 64, 128, 256, 512),
+            crop_size=(224, 224),
             patch_size=(64, 128, 128),
             batch_size_3d=2,
         ),

@@ -460,3 +460,19 @@ def test_monai_reads_the_files_in_ras_unchanged(tmp_path):
         assert np.array_equal(np.asarray(tensor[0]).transpose(2, 1, 0), array)
     sz, sy, sx = expected.spacing
     assert np.allclose(np.asarray(tensor.affine), np.diag([sx, sy, sz, 1.0]))
+
+
+def test_ensure_phantom_reuses_an_identical_phantom_only(tmp_path):
+    from medssl_kit.data.phantom import ensure_phantom
+
+    first = ensure_phantom(tmp_path / "p", profile="smoke", workers=1)
+    image = tmp_path / "p" / json.loads(first.read_text())["cases"][0]["image"]
+    stamp = image.stat().st_mtime_ns
+    assert ensure_phantom(tmp_path / "p", profile="smoke", workers=1) == first
+    assert image.stat().st_mtime_ns == stamp  # reused, not rewritten
+    ensure_phantom(tmp_path / "p", profile="smoke", seed=1, workers=1)
+    assert image.stat().st_mtime_ns != stamp  # other arguments: regenerated
+    assert json.loads(first.read_text())["generator"]["seed"] == 1
+    image.unlink()
+    ensure_phantom(tmp_path / "p", profile="smoke", seed=1, workers=1)
+    assert image.is_file()  # an incomplete phantom is regenerated

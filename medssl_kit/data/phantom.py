@@ -49,6 +49,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medssl_kit.config import get_profile
 from medssl_kit.errors import ManifestError
 
 LABELS: dict[int, str] = {
@@ -1229,3 +1230,55 @@ def make_phantom(
     manifest["cases"] = entries
     _atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
     return path
+
+
+def ensure_phantom(
+    out_dir: str | os.PathLike,
+    profile: str | None = None,
+    seed: int = 0,
+    modality: str = "ct",
+    sources: list[str] | None = None,
+    workers: int = 2,
+) -> pathlib.Path:
+    """The manifest of ``profile``'s default phantom in ``out_dir``, generated only if needed.
+
+    An existing phantom is reused when its manifest records exactly these generator arguments
+    (cases, shape, split from the profile; ``seed``, ``modality``, ``sources``) and every case
+    file is present; otherwise :func:`make_phantom` (re)generates it. Notebooks and the pipeline
+    call this so that re-running them does not regenerate data.
+    """
+    settings = get_profile(profile).phantom
+    out = pathlib.Path(out_dir)
+    path = out / "manifest.json"
+    expected = {
+        "tool": GENERATOR_TOOL,
+        "version": GENERATOR_VERSION,
+        "cases": settings.cases,
+        "seed": seed,
+        "shape": list(settings.shape),
+        "spacing": None,
+        "modality": modality,
+        "sources": None if sources is None else [str(s) for s in sources],
+        "split": dict(settings.split),
+    }
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            existing = {}
+        cases = existing.get("cases", [])
+        complete = len(cases) == settings.cases and all(
+            (out / c[key]).is_file() for c in cases for key in ("image", "label")
+        )
+        if existing.get("generator") == expected and complete:
+            return path
+    return make_phantom(
+        out,
+        cases=settings.cases,
+        seed=seed,
+        shape=settings.shape,
+        modality=modality,
+        sources=sources,
+        split=dict(settings.split),
+        workers=workers,
+    )

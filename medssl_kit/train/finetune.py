@@ -97,6 +97,7 @@ class FinetuneConfig:
     val_every: int | None = None
     patience: int | None = None
     checkpoint_every: int | None = None
+    crop_size: tuple[int, int] | None = None  # 2D training crops (inference: whole slices)
     patch_size: tuple[int, int, int] | None = None  # 3D training patch and inference ROI
     augment: bool = True
     target_class: str | None = None  # classify: the class whose presence is predicted
@@ -118,6 +119,7 @@ class FinetuneConfig:
         out.patience = out.patience or ft.patience
         out.checkpoint_every = out.checkpoint_every or ft.checkpoint_every
         out.patch_size = tuple(out.patch_size or ft.patch_size)
+        out.crop_size = tuple(out.crop_size or ft.crop_size)
         if out.backbone == "unet":
             out.backbone_kwargs = {"channels": list(ft.channels), **out.backbone_kwargs}
         return out
@@ -397,14 +399,7 @@ class _SegmentTask(_Task):
         masks = {v.case_id: self.labelled_mask(v) for v in vols}
         if cfg.dims == 2:
             data = SliceDataset(vols, context=cfg.context, skip_empty=True, with_label=True)
-            spec = ViewSpec(
-                size=tuple(vols[0].image.shape[-2:]),
-                scale=(0.6, 1.0),
-                ratio=(0.85, 1.18),
-                flip_prob=0.0,  # left/right organs: a flip would swap their meaning
-                rot90_prob=0.0,
-                max_rotation_deg=10.0,
-            )
+            spec = _crop_spec(cfg.crop_size, tuple(vols[0].image.shape[-2:]), cfg.augment)
         else:
             data = PatchDataset(vols, cfg.patch_size, samples_per_volume=8, seed=cfg.seed)
             spec = None
@@ -416,7 +411,7 @@ class _SegmentTask(_Task):
             for i in idx:
                 item = data[i]
                 image, label = item["image"], item["label"]
-                if spec is not None and cfg.augment:
+                if spec is not None:
                     spatial = sample_spatial(tuple(image.shape[1:]), spec, g)
                     image, _ = apply_spatial(image, spatial)
                     label, _ = apply_spatial(label.float(), spatial, mode="nearest")
@@ -563,6 +558,33 @@ class _ClassifyTask(_Task):
             "test_slices": len(data),
             "positive_slices": int(present.sum()),
         }
+
+
+def _crop_spec(crop: tuple[int, int], image: tuple[int, int], augment: bool) -> ViewSpec:
+    """2D training crops of ``crop`` pixels at about the native scale.
+
+    With ``augment``: zoom ±15 %, aspect 0.85–1.18, rotation ≤ 10°, and the view module's
+    intensity jitter; never flips nor 90° rotations (left and right organs would swap meaning).
+    Without: plain random crops at the native scale.
+    """
+    crop = (min(crop[0], image[0]), min(crop[1], image[1]))
+    fraction = crop[0] * crop[1] / (image[0] * image[1])
+    jitter = (0.75, 1.3) if augment else (1.0, 1.0)
+    ratio = crop[1] / crop[0]
+    return ViewSpec(
+        size=crop,
+        scale=(fraction * jitter[0], min(1.0, fraction * jitter[1])),
+        ratio=(ratio * 0.85, ratio * 1.18) if augment else (ratio, ratio),
+        flip_prob=0.0,
+        rot90_prob=0.0,
+        max_rotation_deg=10.0 if augment else 0.0,
+        **({} if augment else _NO_INTENSITY),
+    )
+
+
+_NO_INTENSITY = dict(
+    gamma_prob=0.0, contrast_prob=0.0, brightness_prob=0.0, blur_prob=0.0, noise_prob=0.0
+)
 
 
 def _is_lesion(name: str) -> bool:
