@@ -55,7 +55,7 @@ from medssl_kit.data.views import (
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.inference import predict_volume
 from medssl_kit.evaluate.metrics import auroc, segmentation_metrics, summarise
-from medssl_kit.evaluate.results import write_results
+from medssl_kit.evaluate.results import load_results, write_results
 from medssl_kit.losses.segmentation import PartialDiceCELoss
 from medssl_kit.models.heads import ClassificationHead
 from medssl_kit.models.registry import build_backbone
@@ -589,3 +589,59 @@ _NO_INTENSITY = dict(
 
 def _is_lesion(name: str) -> bool:
     return any(w in name.lower() for w in LESION_WORDS)
+
+
+def run_budgets(
+    init: str | Path,
+    manifest: str | Path | Manifest,
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    budgets: list[int | float | str],
+    seeds: list[int],
+    *,
+    progress: bool = False,
+) -> list[FinetuneResult]:
+    """Fine-tune once per budget × seed into ``out_dir/labeled-<b>_seed-<s>``.
+
+    A run folder that already holds a ``summary.json`` is a finished run and is read back, not
+    repeated; one with a checkpoint but no summary (killed) is resumed.
+    """
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    results = []
+    for budget in budgets:
+        for seed in seeds:
+            run = Path(out_dir) / f"labeled-{budget}_seed-{seed}"
+            if (run / "summary.json").is_file():
+                results.append(read_finetune_run(run))
+                continue
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.labeled, run_cfg.seed = budget, seed
+            resume = (run / CHECKPOINT_NAME).is_file()
+            results.append(finetune(init, manifest, run_cfg, run, resume=resume, progress=progress))
+    return results
+
+
+def read_finetune_run(run_dir: str | Path) -> FinetuneResult:
+    """A finished fine-tuning run folder as a :class:`FinetuneResult`."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise MedsslError(f"'{run_dir}' is not a finished fine-tuning run (no summary.json)")
+    results_csv = run_dir / "results.csv"
+    rows = load_results(results_csv).to_dict("records") if results_csv.is_file() else []
+    return FinetuneResult(run_dir, json.loads(summary_path.read_text()), rows, None)
+
+
+def load_finetuned(run_dir: str | Path) -> nn.Module:
+    """The selected model of a fine-tuning run (segmentation backbone or slice classifier)."""
+    run_dir = Path(run_dir)
+    data = read_transferable(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    backbone = build_backbone(**data["backbone"])
+    if config["config"]["mode"] == "classify":
+        model = _Classifier(backbone)
+        model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["best_model"])
+    else:
+        backbone.load_state_dict(data["state_dict"])
+        model = backbone
+    return model.eval()

@@ -1,0 +1,45 @@
+import json
+
+import numpy as np
+import pandas as pd
+
+from medssl_kit.viz.plots import plot_label_efficiency, plot_learning_curves, plot_loss_terms
+
+
+def _run(folder, losses, vals):
+    folder.mkdir()
+    lines = [{"step": i + 1, "loss": v, "lr": 0.1, "seconds": 0.01, "extra": 2 * v}
+             for i, v in enumerate(losses)]  # fmt: skip
+    lines += [{"step": s, "val_score": v} for s, v in vals]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_loss_terms_and_learning_curves(tmp_path):
+    a = _run(tmp_path / "a", [3.0, 2.0, 1.0], [(2, 0.4)])
+    b = _run(tmp_path / "b", [2.0, 1.0, 0.5], [(2, 0.5), (3, 0.7)])
+    fig = plot_loss_terms(a)
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "extra"]
+    assert np.allclose(fig.axes[1].lines[0].get_ydata(), [6.0, 4.0, 2.0])
+    curves = plot_learning_curves([a, b])
+    loss_ax, val_ax = curves.axes
+    assert len(loss_ax.lines) == 2
+    assert np.allclose(val_ax.lines[1].get_ydata(), [0.5, 0.7])
+
+
+def test_label_efficiency_plots_mean_over_seeds(tmp_path):
+    rows = []
+    for method, base in (("scratch", 0.5), ("ssl", 0.6)):
+        for labeled in (1, 4):
+            for seed in (0, 1):
+                for case in ("c0", "c1"):
+                    dice = base + 0.1 * (labeled == 4) + 0.02 * seed
+                    rows.append(dict(method=method, backbone="unet", dims=2, labeled=labeled,
+                                     seed=seed, case=case, class_id=1, **{"class": "liver"},
+                                     dice=dice, hd95=1.0, iou=dice))  # fmt: skip
+    fig = plot_label_efficiency(pd.DataFrame(rows))
+    ax = fig.axes[0]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}
+    assert set(lines) == {"scratch", "ssl"}
+    assert np.allclose(lines["ssl"].get_xdata(), [1, 4])
+    assert np.allclose(lines["ssl"].get_ydata(), [0.61, 0.71])
