@@ -40,6 +40,7 @@ class FinetuneSettings:
     crop_size: tuple[int, int]  # 2D training crops (H, W); inference runs on whole slices
     patch_size: tuple[int, int, int]  # 3D training patches / sliding-window ROI (D, H, W)
     batch_size_3d: int
+    budgets: tuple[int | str, ...]  # default label budgets of a label-efficiency curve
     lr: float = 1e-3
 
 
@@ -78,6 +79,7 @@ PROFILES: dict[str, Profile] = {
             crop_size=(48, 48),
             patch_size=(16, 32, 32),
             batch_size_3d=2,
+            budgets=(1, "all"),
         ),
         pretrain=PretrainSettings(
             steps=4,
@@ -102,6 +104,7 @@ PROFILES: dict[str, Profile] = {
             crop_size=(96, 96),
             patch_size=(32, 64, 64),
             batch_size_3d=2,
+            budgets=(1, 2, 4, "all"),
         ),
         pretrain=PretrainSettings(
             steps=1000,
@@ -128,6 +131,7 @@ PROFILES: dict[str, Profile] = {
             crop_size=(224, 224),
             patch_size=(64, 128, 128),
             batch_size_3d=2,
+            budgets=(1, 2, 5, 10, "all"),
         ),
         pretrain=PretrainSettings(
             steps=20000,
