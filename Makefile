@@ -23,9 +23,11 @@ run: $(VENV)/.installed-run
 	$(BIN)/medssl phantom --out data/phantom --profile $(PROFILE)
 	$(BIN)/medssl validate data/phantom/manifest.json
 
-## test: unit tests, then every notebook under nbval at the smoke profile
+## test: unit tests, then every notebook under nbval at the smoke profile (their smoke run
+## folders are removed first so that notebooks are tested, not their earlier results)
 test: $(VENV)/.installed-test
 	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests
+	rm -rf runs/notebooks/*-smoke
 	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
 
 lint: $(VENV)/.installed-test
