@@ -252,6 +252,27 @@ def _run_import_msd(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 
+
+def _add_run_arguments(p: argparse.ArgumentParser, set_help: str) -> None:
+    """Arguments every training command shares (pretrain, finetune)."""
+    p.add_argument("--manifest", required=True, metavar="M", help="manifest file or folder")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--backbone", metavar="NAME", help="default: unet, or the method's")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="override the profile")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--set",
+        type=_set_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{set_help} (JSON values)",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # pretrain
 
@@ -265,22 +286,7 @@ def _add_pretrain(subparsers: argparse._SubParsersAction) -> None:
         "transferable.pt, summary.json) that `medssl finetune --init RUN_DIR` consumes.",
     )
     p.add_argument("--method", required=True, metavar="NAME")
-    p.add_argument("--manifest", required=True, metavar="M", help="manifest file or folder")
-    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
-    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S")
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    p.add_argument("--backbone", metavar="NAME", help="default: the method's")
-    p.add_argument("--steps", type=_positive_int, metavar="N", help="override the profile")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--set",
-        type=_set_arg,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a loop setting (lr, optimizer, batch_size, ...) or a method setting (JSON values)",
-    )
+    _add_run_arguments(p, "a loop setting (lr, optimizer, batch_size, ...) or a method setting")
     p.set_defaults(handler=_run_pretrain)
 
 
@@ -362,25 +368,10 @@ def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
         "volume and write the run folder (config.json, metrics.jsonl, checkpoint.pt, "
         "transferable.pt, results.csv, summary.json).",
     )
-    p.add_argument("--manifest", required=True, metavar="M", help="manifest file or folder")
     p.add_argument("--init", default="scratch", metavar="scratch|RUN_DIR")
     p.add_argument("--labeled", type=_labeled_arg, default="all", metavar="N|F|all")
-    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
-    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
-    p.add_argument("--backbone", default="unet", metavar="NAME")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
     p.add_argument("--mode", choices=("full", "probe", "classify"), default="full")
-    p.add_argument("--steps", type=_positive_int, metavar="N", help="override the profile")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--set",
-        type=_set_arg,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any FinetuneConfig field (JSON values), e.g. --set lr=3e-4",
-    )
+    _add_run_arguments(p, "any FinetuneConfig field, e.g. lr=3e-4")
     p.set_defaults(handler=_run_finetune)
 
 
@@ -392,7 +383,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         mode=args.mode,
         labeled=args.labeled,
         seed=args.seed,
-        backbone=args.backbone,
+        backbone=args.backbone or "unet",
         dims=args.dims,
         steps=args.steps,
     )

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medssl_kit.atomic import atomic_path
 from medssl_kit.data.io import CaseVolume, load_case
 from medssl_kit.data.manifest import SPLITS, Case, Manifest, raise_problems, split_problems
 from medssl_kit.errors import ManifestError
@@ -112,14 +111,8 @@ def _write_cache(path: Path, volume: CaseVolume) -> None:
         "affine": torch.from_numpy(np.asarray(volume.affine, dtype=np.float64)),
         "original_affine": torch.from_numpy(np.asarray(volume.original_affine, dtype=np.float64)),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(data, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_volumes(

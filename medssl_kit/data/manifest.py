@@ -15,7 +15,6 @@ import difflib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medssl_kit.atomic import atomic_write_text
 from medssl_kit.errors import ManifestError
 
 SPLITS: tuple[str, ...] = ("pretrain", "train", "val", "test")
@@ -805,16 +805,7 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 def _write_json_new(path: Path, data: Any, overwrite: bool) -> None:
     """Write JSON atomically; refuse to replace an existing file unless ``overwrite``."""
     _refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _msd_rel(entry: Any, task_dir: Path, what: str) -> str:

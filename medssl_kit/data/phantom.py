@@ -49,6 +49,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medssl_kit.atomic import atomic_path, atomic_write_text
 from medssl_kit.config import get_profile
 from medssl_kit.errors import ManifestError
 
@@ -1054,21 +1055,8 @@ def _atomic_write_nifti(array: np.ndarray, spacing, path: pathlib.Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(text: str, path: pathlib.Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_case(job: tuple) -> None:
@@ -1198,7 +1186,7 @@ def make_phantom(
     for d in ("imagesTr", "labelsTr"):
         (out / d).mkdir(parents=True, exist_ok=True)
     placeholder = {**manifest, "generator": {**manifest["generator"], "status": "incomplete"}}
-    _atomic_write_text(json.dumps({**placeholder, "cases": []}, indent=2) + "\n", path)
+    atomic_write_text(path, json.dumps({**placeholder, "cases": []}, indent=2) + "\n")
     for f in stale:
         f.unlink(missing_ok=True)
 
@@ -1228,7 +1216,7 @@ def make_phantom(
             entry["source"] = case_sources[i]
         entries.append(entry)
     manifest["cases"] = entries
-    _atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return path
 
 

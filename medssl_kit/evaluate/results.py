@@ -27,8 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import wilcoxon
 
+from medssl_kit.atomic import atomic_write_text
 from medssl_kit.errors import MedsslError
 
 RESULT_COLUMNS = [
@@ -123,26 +122,6 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_results(rows: Iterable[Mapping[str, object]], path: str | Path) -> Path:
     """Validate ``rows`` and write them atomically as a results CSV; returns the path.
 
@@ -161,7 +140,7 @@ def write_results(rows: Iterable[Mapping[str, object]], path: str | Path) -> Pat
             raise ValueError(f"result row {i} lacks column(s) {missing}")
     df = _normalise(pd.DataFrame(rows, columns=RESULT_COLUMNS + extras))
     path = Path(path)
-    _atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
     return path
 
 

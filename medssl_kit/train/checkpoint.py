@@ -8,38 +8,16 @@ over the target, so a run killed mid-write leaves the previous checkpoint intact
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medssl_kit import __version__
+from medssl_kit.atomic import atomic_path, atomic_write_text
 from medssl_kit.errors import MedsslError
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -48,7 +26,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     The package version is added under ``"version"``.
     """
     state = {**state, "version": __version__}
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -68,8 +47,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
-    _atomic_write(Path(path), lambda f: f.write(text), mode="w")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
@@ -80,14 +58,41 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file written by :func:`append_jsonl` (a torn last line is dropped)."""
+    """Read a JSON-lines file written by :func:`append_jsonl`.
+
+    A torn last line (a run killed mid-write) is dropped; a malformed line elsewhere is an error.
+    """
     path = Path(path)
     if not path.is_file():
         return []
+    lines = path.read_text().splitlines()
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise MedsslError(f"'{path}' line {number} is not valid JSON: {err}") from err
     return records
+
+
+def prepare_run_folder(out_dir: Path, resume: bool) -> bool:
+    """Create ``out_dir``; refuse to overwrite a run unless resuming. True if a checkpoint exists.
+
+    A folder holding ``config.json`` or a checkpoint holds a run: without ``resume`` it is never
+    written into, so a finished run cannot be overwritten by mistake.
+    """
+    checkpoint = (out_dir / CHECKPOINT_NAME).exists()
+    if not resume and (checkpoint or (out_dir / "config.json").exists()):
+        raise MedsslError(
+            f"run folder '{out_dir}' already holds a run; pass resume=True (--resume) to continue "
+            "it, or choose another folder"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return resume and checkpoint
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records up to ``step``: what a killed run logged after its checkpoint goes."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -63,8 +63,9 @@ from medssl_kit.train.checkpoint import (
     CHECKPOINT_NAME,
     append_jsonl,
     load_checkpoint,
-    read_jsonl,
+    prepare_run_folder,
     save_checkpoint,
+    truncate_jsonl,
     write_json,
 )
 from medssl_kit.train.transfer import (
@@ -173,12 +174,7 @@ def finetune(
     cfg = cfg.resolved()
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     out_dir = Path(out_dir)
-    if not resume and ((out_dir / CHECKPOINT_NAME).exists() or (out_dir / "config.json").exists()):
-        raise MedsslError(
-            f"run folder '{out_dir}' already holds a run; pass resume=True (--resume) to continue "
-            "it, or choose another folder"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    resuming = prepare_run_folder(out_dir, resume)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
@@ -201,7 +197,7 @@ def finetune(
     best_state = copy.deepcopy(model.state_dict())
 
     metrics_path = out_dir / "metrics.jsonl"
-    if resume and (out_dir / CHECKPOINT_NAME).exists():
+    if resuming:
         ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -209,8 +205,7 @@ def finetune(
         best_state = ckpt["best_model"]
         state = ckpt["state"]
         torch.set_rng_state(ckpt["rng"])
-        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= state["step"]]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        truncate_jsonl(metrics_path, state["step"])
     else:
         metrics_path.write_text("")
 

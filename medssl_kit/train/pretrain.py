@@ -18,7 +18,6 @@ Settings resolve in this order, later winning: the profile's budgets, the method
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,8 +39,10 @@ from medssl_kit.train.checkpoint import (
     CHECKPOINT_NAME,
     append_jsonl,
     load_checkpoint,
+    prepare_run_folder,
     read_jsonl,
     save_checkpoint,
+    truncate_jsonl,
     write_json,
 )
 from medssl_kit.train.optim import build_optimizer, build_scheduler
@@ -153,15 +154,9 @@ def pretrain(
     """Run ``method`` on ``dataset`` (indexable) for ``cfg.steps`` steps; write the run folder."""
     cfg = cfg if cfg.steps is not None else cfg.resolved()
     out_dir = Path(out_dir)
-    existing = (out_dir / CHECKPOINT_NAME).exists() or (out_dir / "config.json").exists()
-    if existing and not resume:
-        raise MedsslError(
-            f"run folder '{out_dir}' already holds a run; pass resume=True (--resume) to continue "
-            "it, or choose another folder"
-        )
     if len(dataset) == 0:
         raise MedsslError(f"nothing to pre-train on: the dataset for splits {cfg.splits} is empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    resuming = prepare_run_folder(out_dir, resume)
     device = _device(cfg.device)
     method.to(device)
     torch.manual_seed(cfg.seed)
@@ -172,7 +167,7 @@ def pretrain(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     step = 0
     metrics_path = out_dir / "metrics.jsonl"
-    if resume and (out_dir / CHECKPOINT_NAME).exists():
+    if resuming:
         ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -180,8 +175,7 @@ def pretrain(
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
-        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        truncate_jsonl(metrics_path, step)
     else:
         metrics_path.write_text("")
     write_json(

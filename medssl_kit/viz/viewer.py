@@ -39,6 +39,8 @@ import numpy as np
 import PIL.Image
 from matplotlib.colors import to_hex, to_rgb
 
+from medssl_kit.data.phantom import LABELS
+
 IGNORE_INDEX = 255
 PLANES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 HEAT_COLORMAPS: dict[str, str] = {"uncertainty": "inferno", "cam": "jet"}
@@ -49,16 +51,7 @@ DEFAULT_OPACITY: dict[str, float] = {
     "cam": 0.5,
 }
 
-DEFAULT_CLASS_NAMES: dict[int, str] = {
-    0: "background",
-    1: "liver",
-    2: "spleen",
-    3: "kidney_left",
-    4: "kidney_right",
-    5: "aorta",
-    6: "vertebra",
-    7: "liver_lesion",
-}
+DEFAULT_CLASS_NAMES: dict[int, str] = LABELS  # the phantom's classes
 DEFAULT_COLORS: dict[int, str] = {
     1: "#e6862a",  # liver: orange
     2: "#8e5cd9",  # spleen: violet
