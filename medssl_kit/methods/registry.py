@@ -33,3 +33,6 @@ def get_method(name: str) -> type[PretrainMethod]:
         return target
     module, _, cls = target.partition(":")
     return getattr(import_module(module), cls)
+
+
+register("pixel_global", "medssl_kit.methods.pixel_global:PixelGlobal")

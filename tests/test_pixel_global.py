@@ -1,0 +1,399 @@
+"""pixel_global: the paper's losses, the context stabilizer, MC-dropout uncertainty, the EMA
+teacher, the ablation switches and a run through the generic loop into fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medssl_kit.data.views import build_view_pair, make_spatial_params, replay
+from medssl_kit.errors import MedsslError
+from medssl_kit.losses import pixel_global as L
+from medssl_kit.methods.pixel_global import ABLATIONS, PixelGlobal, teacher_momentum
+from medssl_kit.methods.registry import get_method
+from medssl_kit.models.registry import build_backbone
+from medssl_kit.train.checkpoint import load_checkpoint
+from medssl_kit.train.finetune import FinetuneConfig, finetune
+from medssl_kit.train.pretrain import PretrainConfig, run_pretraining
+from medssl_kit.train.transfer import read_transferable
+
+TINY = {"channels": (4, 8, 8, 8, 8), "dropout": 0.2}
+SMALL_HEADS = {"global_hidden": 16, "global_dim": 8, "pixel_hidden": 8, "pixel_dim": 6}
+
+
+def make_method(dropout: float = 0.2, **cfg) -> PixelGlobal:
+    torch.manual_seed(0)
+    net = build_backbone("unet", 2, 1, 2, **{**TINY, "dropout": dropout})
+    return PixelGlobal(net, {"crop_size": (32, 32), **SMALL_HEADS, **cfg})
+
+
+def images(n: int = 3, size: int = 40, seed: int = 0) -> list[torch.Tensor]:
+    """Smooth random slices in [0, 1] (blurred noise), ``[1, size, size]`` each."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.avg_pool2d(torch.rand(n, 1, size + 6, size + 6, generator=g), 7, stride=1)
+    return list((x - x.min()) / (x.max() - x.min()))
+
+
+def crop_pair(image: torch.Tensor, start1=(4, 4), start2=(4, 4)):
+    """Two 32² crops of a 40² image without scaling (identity intensity)."""
+    sp1 = make_spatial_params((40, 40), (32, 32), start1, (32, 32))
+    sp2 = make_spatial_params((40, 40), (32, 32), start2, (32, 32))
+    return build_view_pair(image, sp1, sp2)
+
+
+# --- pure losses ------------------------------------------------------------------------------
+
+
+def test_global_loss_matches_a_hand_computation():
+    s = torch.tensor([[[1.0, 0.0, -1.0]], [[0.5, 0.5, 0.0]]])  # [2 views, B=1, K=3]
+    t = torch.tensor([[[0.2, 0.1, 0.0]], [[0.0, 0.3, 0.1]]])
+    c = torch.tensor([0.1, 0.0, -0.1])
+    tau_s, tau_t = 0.1, 0.04
+
+    def softmax(v, tau, center=(0.0, 0.0, 0.0)):
+        e = [math.exp((a - m) / tau) for a, m in zip(v, center, strict=True)]
+        return [x / sum(e) for x in e]
+
+    def ce(view_t, view_s):
+        pt = softmax(t[view_t, 0].tolist(), tau_t, c.tolist())
+        ps = softmax(s[view_s, 0].tolist(), tau_s)
+        return -sum(a * math.log(b) for a, b in zip(pt, ps, strict=True))
+
+    expected = (ce(1, 0) + ce(0, 1)) / 2  # student view 1 <- teacher view 2, and back
+    got = L.global_consistency_loss(s, t, c, tau_s, tau_t)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_local_loss_equations_and_masking():
+    g = torch.Generator().manual_seed(0)
+    d, d_stab = torch.rand(2, 4, 4, generator=g), torch.rand(2, 4, 4, generator=g)
+    u = torch.rand(2, 4, 4, generator=g)
+    valid = torch.rand(2, 4, 4, generator=g) > 0.3
+    n = valid.sum()
+    assert torch.isclose(L.local_consistency_loss(d, valid), d[valid].sum() / n)  # eq. 4
+    eq5 = (d - d_stab).abs()[valid].sum() / n
+    assert torch.isclose(L.local_consistency_loss(d, valid, d_stab), eq5)
+    eq6 = ((1 - u) * (d - d_stab).abs())[valid].sum() / n
+    assert torch.isclose(L.local_consistency_loss(d, valid, d_stab, u), eq6)
+    # invalid pixels are never read, whatever they hold
+    junk = torch.where(valid, d, torch.full_like(d, float("inf")))
+    assert L.local_consistency_loss(junk, valid, d_stab, u) == L.local_consistency_loss(
+        d, valid, d_stab, u
+    )
+    assert L.local_consistency_loss(d, torch.zeros_like(valid)) == 0
+
+
+def test_pixel_discrepancy_is_zero_only_for_agreement():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 3, 3, generator=g)
+    p = torch.softmax(logits, 1)
+    kl_same = L.pixel_discrepancy(p, torch.log_softmax(logits, 1), "kl")
+    assert kl_same.abs().max() < 1e-6
+    other = torch.log_softmax(torch.randn(2, 5, 3, 3, generator=g), 1)
+    assert (L.pixel_discrepancy(p, other, "kl") > 0).all()
+    # the paper's cross-entropy = KL + the teacher's entropy
+    ce = L.pixel_discrepancy(p, other, "cross_entropy")
+    entropy = -(p * p.log()).sum(1)
+    assert torch.allclose(ce, L.pixel_discrepancy(p, other, "kl") + entropy, atol=1e-5)
+
+
+def test_uncertainty_is_in_unit_interval_and_higher_where_passes_disagree():
+    k = 4
+    agree = F.one_hot(torch.full((20,), 2), k).float()  # 20 passes, all say class 2
+    disagree = F.one_hot(torch.arange(20) % k, k).float()  # passes spread over the classes
+    mostly = F.one_hot(torch.tensor([1] * 17 + [0, 2, 3]), k).float()
+    samples = torch.stack([agree, disagree, mostly], dim=-1)  # [T, K, 3 pixels]
+    u = L.predictive_entropy(samples.mean(0)[None])[0]
+    weights = 1 - u
+    assert ((u >= 0) & (u <= 1)).all()
+    assert u[0] == 0 and u[1] == pytest.approx(1.0) and 0 < u[2] < u[1]
+    assert weights[1] < weights[2] < weights[0]
+
+
+# --- the method -------------------------------------------------------------------------------
+
+
+def test_local_loss_zero_for_identical_views_and_networks_positive_otherwise():
+    # identical student and teacher (the teacher starts as a copy), same temperatures, zero
+    # centre, no stabilizer, no uncertainty, no dropout (so train mode is deterministic)
+    method = make_method(
+        dropout=0.0,
+        stabilizer=False,
+        uncertainty=False,
+        pixel_teacher_temp=0.1,
+        pixel_student_temp=0.1,
+    ).train()
+    imgs = images(2)
+    same = method.collate([crop_pair(x) for x in imgs], None, mc_seed=0)
+    assert bool(same["valid"].all())
+    assert method(same, 0)["local"].item() == pytest.approx(0.0, abs=1e-5)
+
+    shifted = method.collate([crop_pair(x, (0, 0), (6, 3)) for x in imgs], None, mc_seed=0)
+    assert method(shifted, 0)["local"].item() > 1e-3  # different views
+    with torch.no_grad():
+        for p in method.pixel_head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert method(same, 0)["local"].item() > 1e-3  # different networks
+
+
+def test_invalid_pixels_do_not_contribute():
+    method = make_method(view={"scale": (0.2, 0.4), "max_rotation_deg": 30.0}).eval()
+    batch = method.make_batch([{"image": x} for x in images(3)], torch.Generator().manual_seed(4))
+    valid = batch["valid"]
+    assert valid.any() and not valid.all()
+    before = method(batch, 0)
+
+    def perturb(where):
+        def hook(module, inputs, output):
+            noise = 50 * torch.randn_like(output)
+            return output + noise * where.repeat(2, 1, 1)[:, None]  # x rows, then x-tilde rows
+
+        return method.pixel_head.register_forward_hook(hook)
+
+    handle = perturb(~valid)
+    after = method(batch, 0)
+    handle.remove()
+    for key in ("loss", "local", "pixel", "stabilizer"):
+        assert torch.equal(before[key], after[key]), key
+    handle = perturb(valid)
+    changed = method(batch, 0)
+    handle.remove()
+    assert not torch.isclose(before["local"], changed["local"])
+
+
+def test_stabilizer_replays_the_main_pairs_parameters():
+    method = make_method()
+    imgs = images(3)
+    pairs, stabs = method.sample_views(imgs, torch.Generator().manual_seed(7))
+    assert stabs is not None and len(stabs) == 3
+    for b, (pair, stab) in enumerate(zip(pairs, stabs, strict=True)):
+        assert stab.spatial1 == pair.spatial1 and stab.spatial2 == pair.spatial2
+        assert stab.intensity1 == pair.intensity1 and stab.intensity2 == pair.intensity2
+        other = imgs[(b + 1) % 3]  # x-tilde: the next image of the batch
+        expected = replay(pair, other)
+        assert torch.equal(stab.view1, expected.view1) and torch.equal(stab.view2, expected.view2)
+        assert not torch.equal(stab.view1, pair.view1)
+    assert pairs[0].spatial1 != pairs[0].spatial2  # the two views do differ
+    # make_batch draws the same views from a generator in the same state
+    batch = method.make_batch([{"image": x} for x in imgs], torch.Generator().manual_seed(7))
+    assert torch.equal(batch["views"][:3], torch.stack([p.view1 for p in pairs]))
+    assert torch.equal(batch["stab_views"][3:], torch.stack([s.view2 for s in stabs]))
+    # a slice of another size is resampled to the main slice's size first
+    _, odd = method.sample_views([imgs[0], images(1, size=48)[0]], torch.Generator())
+    assert odd is not None and odd[0].view1.shape == (1, 32, 32)
+    with pytest.raises(MedsslError, match="batch_size >= 2"):
+        method.sample_views(imgs[:1], torch.Generator())
+
+
+def test_teacher_gets_no_gradient_and_follows_the_ema_formula():
+    method = make_method().train()
+    batch = method.make_batch([{"image": x} for x in images(2)], torch.Generator().manual_seed(0))
+    terms = method(batch, 0)
+    terms["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+    for part in (method.backbone.encoder, method.backbone.decoder, method.pixel_head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    student = {k: v.clone().double() for k, v in method.backbone.named_parameters()}
+    teacher = {k: v.clone().double() for k, v in method.teacher["backbone"].named_parameters()}
+    t_global = method.teacher["global_head"](
+        method.teacher["backbone"].encode(batch["views"])[-1].flatten(2).mean(2)
+    )
+    center = method.center_global.clone()
+    method.on_step_end(3, 10)  # the third step of ten: k = 2 steps were completed before it
+    lam = 1 - (1 - 0.996) * (math.cos(math.pi * 2 / 10) + 1) / 2
+    for k, p in method.teacher["backbone"].named_parameters():
+        expected = lam * teacher[k] + (1 - lam) * student[k]  # theta_t <- lam theta_t + ...
+        torch.testing.assert_close(p.double(), expected, rtol=1e-6, atol=1e-7)
+    assert teacher_momentum(0, 10) == pytest.approx(0.996)
+    assert teacher_momentum(10, 10) == pytest.approx(1.0)
+    assert teacher_momentum(5, 10) == pytest.approx(0.998)
+    # the centre moved towards the batch mean of the teacher's logits (DINO, momentum 0.9)
+    assert not torch.equal(method.center_global, center)
+    assert t_global.shape[1] == method.center_global.shape[0]
+
+
+def test_batched_mc_dropout_equals_a_loop_of_single_passes():
+    method = make_method(mc_samples=20).eval()
+    x = torch.stack(images(2, size=32))
+    feats = method.teacher["backbone"].encode(x)
+    rng = torch.get_rng_state()
+    batched = method.teacher_uncertainty(feats, seed=11)
+    assert torch.equal(torch.get_rng_state(), rng)  # masks never touch the global RNG
+    assert ((batched >= 0) & (batched <= 1)).all() and batched.max() > 0
+
+    # the documented contract, re-implemented: pass t, 20 separate decoder calls, each dropout
+    # layer keeps an element where rand(generator seeded 11 + t) >= p, rescaled by 1 / (1 - p)
+    teacher = method.teacher
+    state = {}
+
+    def mask(module, inputs, output):
+        keep = torch.rand(output.shape, generator=state["g"]) >= module.p
+        return output * keep / (1 - module.p)
+
+    handles = [m.register_forward_hook(mask) for m in teacher["backbone"].dropout_layers]
+    probs = []
+    with torch.no_grad():
+        for t in range(20):
+            state["g"] = torch.Generator().manual_seed(11 + t)
+            logits = teacher["pixel_head"](teacher["backbone"].decode(feats)[0][-1])
+            probs.append(L.teacher_probs(logits, method.center_pixel, 0.04))
+    for h in handles:
+        h.remove()
+    naive = L.predictive_entropy(torch.stack(probs).mean(0))
+    torch.testing.assert_close(batched, naive, rtol=0, atol=1e-5)
+    torch.testing.assert_close(method.teacher_uncertainty(feats, 11, chunk=7), batched)
+    assert not torch.allclose(method.teacher_uncertainty(feats, seed=12), batched)
+
+
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+def test_ablation_switches_remove_exactly_their_terms(ablation, monkeypatch):
+    calls = {"local": [], "uncertainty": 0}
+    real_local, real_u = L.local_consistency_loss, PixelGlobal.teacher_uncertainty
+
+    def spy_local(d, valid, stabilizer=None, uncertainty=None):
+        calls["local"].append((stabilizer is not None, uncertainty is not None))
+        return real_local(d, valid, stabilizer, uncertainty)
+
+    def spy_u(self, *args, **kwargs):
+        calls["uncertainty"] += 1
+        return real_u(self, *args, **kwargs)
+
+    monkeypatch.setattr(L, "local_consistency_loss", spy_local)
+    monkeypatch.setattr(PixelGlobal, "teacher_uncertainty", spy_u)
+    switches = ABLATIONS[ablation]
+    method = make_method(**switches).train()
+    batch = method.make_batch([{"image": x} for x in images(2)], torch.Generator().manual_seed(0))
+    terms = method(batch, 0)
+    terms["loss"].backward()
+    assert ("stab_views" in batch) == switches["stabilizer"]
+    if ablation == "GO":
+        assert set(terms) == {"loss", "global"} and calls["local"] == []
+        assert torch.equal(terms["loss"], terms["global"])
+        assert all(p.grad is None for p in method.pixel_head.parameters())
+        assert "grid" not in batch
+    else:
+        assert calls["local"] == [(switches["stabilizer"], switches["uncertainty"])]
+        assert ("stabilizer" in terms) == switches["stabilizer"]
+        assert ("mean_uncertainty" in terms) == switches["uncertainty"]
+        assert torch.isclose(terms["loss"], terms["global"] + terms["local"])
+    assert calls["uncertainty"] == int(switches["uncertainty"])
+    if ablation == "GP":
+        assert torch.isclose(terms["local"], terms["pixel"])  # plain eq. 4 mean
+    if ablation == "Ours":
+        assert 0 <= terms["mean_uncertainty"].item() <= 1
+
+
+def test_settings_per_profile_and_bad_settings():
+    assert get_method("pixel_global") is PixelGlobal
+    gpu = PretrainConfig(method="pixel_global", profile="gpu").resolved()
+    assert gpu.backbone == "resunet"
+    assert gpu.backbone_kwargs == {"backbone": "resnet50", "dropout": 0.1}
+    assert (gpu.optimizer, gpu.lr, gpu.batch_size, gpu.crop_size) == ("lars", 0.2, 8, (224, 224))
+    assert gpu.warmup_steps == 80 and gpu.method_cfg["mc_samples"] == 20
+    assert gpu.method_cfg["mc_chunk"] is None  # all MC passes in one decoder call on a GPU
+    cpu = PretrainConfig(method="pixel_global", profile="cpu").resolved()
+    assert cpu.backbone == "unet" and cpu.backbone_kwargs["dropout"] > 0
+    assert cpu.method_cfg["mc_chunk"] == 1  # on a CPU one pass per call is faster
+    assert cpu.method_cfg["teacher_temp"] == 0.04 and cpu.method_cfg["student_temp"] == 0.1
+    with pytest.raises(MedsslError, match="unknown setting"):
+        make_method(stabiliser=False)
+    with pytest.raises(MedsslError, match="decoder dropout"):
+        make_method(dropout=0.0)
+    make_method(dropout=0.0, uncertainty=False)  # fine without the uncertainty weighting
+
+
+def test_resunet_backbone_works():
+    torch.manual_seed(0)
+    net = build_backbone("resunet", 2, 1, 2, dropout=0.1)
+    method = PixelGlobal(net, {"crop_size": (32, 32), **SMALL_HEADS, "mc_samples": 3})
+    batch = method.make_batch([{"image": x} for x in images(2)], torch.Generator().manual_seed(0))
+    terms = method.train()(batch, 0)
+    assert {"global", "local", "mean_uncertainty"} <= set(terms)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert set(method.transferable_state()) == {
+        k for k in net.state_dict() if k.startswith(("encoder.", "decoder."))
+    }
+
+
+# --- through the loop -------------------------------------------------------------------------
+
+
+def _cfg(**kw) -> PretrainConfig:
+    return PretrainConfig(
+        method="pixel_global",
+        profile="smoke",
+        crop_size=(32, 32),
+        backbone_kwargs=dict(TINY),
+        method_cfg={**SMALL_HEADS, "mc_samples": 4},
+        **{"steps": 4, "batch_size": 2, "checkpoint_every": 2, **kw},
+    )
+
+
+def test_run_folder_transfer_and_exact_resume(tiny_phantom, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    result = run_pretraining(_cfg(), tiny_phantom, run, progress=False)
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "transferable.pt"):
+        assert (run / name).is_file(), name
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    keys = {"loss", "global", "local", "pixel", "stabilizer", "mean_uncertainty"}
+    assert all(keys <= set(r) and all(math.isfinite(r[k]) for k in keys) for r in log)
+    assert all(0 <= r["mean_uncertainty"] <= 1 for r in log)
+    assert result.summary["steps"] == 4
+
+    # the student's encoder + decoder, not the teacher's, not the untrained segmentation head
+    state = read_transferable(run)["state_dict"]
+    method_state = load_checkpoint(run / "checkpoint.pt")["method"]
+    student = {
+        k[len("backbone.") :]: v for k, v in method_state.items() if k.startswith("backbone.")
+    }
+    assert set(state) == {k for k in student if k.startswith(("encoder.", "decoder."))}
+    assert all(torch.equal(state[k], student[k]) for k in state)
+    assert any(
+        not torch.equal(state[k], method_state[f"teacher.backbone.{k}"])
+        for k in state
+        if state[k].is_floating_point()
+    )
+
+    loaded = PixelGlobal.from_run(run)
+    assert all(torch.equal(v, method_state[k]) for k, v in loaded.state_dict().items())
+    u = loaded.uncertainty_map(torch.rand(3, 1, 48, 48), batch_size=2)
+    assert u.shape == (3, 48, 48) and ((u >= 0) & (u <= 1)).all()
+
+    ft = finetune(
+        run,
+        tiny_phantom,
+        FinetuneConfig(profile="smoke", labeled=1, steps=2, val_every=2, batch_size=2),
+        tmp_path / "ft",
+        progress=False,
+    )
+    report = ft.key_report
+    assert report is not None and set(report.matched) == set(state)
+    assert set(report.missing) == {"head.weight", "head.bias"}
+    assert not report.unexpected and not report.mismatched
+    assert (tmp_path / "ft" / "results.csv").is_file()
+
+    # a run killed after its step-2 checkpoint and resumed ends where the uninterrupted one did
+    original = PixelGlobal.on_step_end
+
+    def crash(self, step, max_steps):
+        if step == 3:
+            raise KeyboardInterrupt
+        original(self, step, max_steps)
+
+    monkeypatch.setattr(PixelGlobal, "on_step_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining(_cfg(), tiny_phantom, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(PixelGlobal, "on_step_end", original)
+    run_pretraining(_cfg(), tiny_phantom, tmp_path / "resumed", resume=True, progress=False)
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["method"]
+    assert all(torch.equal(method_state[k], resumed[k]) for k in method_state)
