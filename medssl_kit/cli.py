@@ -429,6 +429,39 @@ def _run_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="compare fine-tuning results: Dice / HD95 per method and budget, Wilcoxon p",
+        description="Read every results.csv under the given folders (or files) and print the "
+        "comparison table in Markdown: organ and lesion Dice and organ HD95 as mean ± sd over "
+        "seeds, and a paired Wilcoxon signed-rank p of organ Dice against the baseline over "
+        "(test case, seed) pairs.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders or results.csv files")
+    p.add_argument("--baseline", default="scratch", metavar="METHOD")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from medssl_kit.atomic import atomic_write_text
+    from medssl_kit.evaluate.report import comparison_table, split_classes, to_markdown
+    from medssl_kit.evaluate.results import load_results
+
+    df = load_results(args.paths)
+    organs, lesions = split_classes(dict(zip(df["class_id"], df["class"], strict=True)))
+    table = comparison_table(df, organs, lesions, baseline=args.baseline)
+    print(to_markdown(table, baseline=args.baseline))
+    if args.csv:
+        atomic_write_text(args.csv, table.to_csv(index=False))
+    return EXIT_OK
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,
     _add_validate,
@@ -436,6 +469,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_pretrain,
     _add_finetune,
     _add_export,
+    _add_report,
 )
 
 

@@ -55,6 +55,7 @@ from medssl_kit.data.views import (
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.inference import predict_volume
 from medssl_kit.evaluate.metrics import auroc, segmentation_metrics, summarise
+from medssl_kit.evaluate.report import split_classes
 from medssl_kit.evaluate.results import load_results, write_results
 from medssl_kit.losses.segmentation import PartialDiceCELoss
 from medssl_kit.models.heads import ClassificationHead
@@ -76,7 +77,6 @@ from medssl_kit.train.transfer import (
 )
 
 MODES = ("full", "probe", "classify")
-LESION_WORDS = ("lesion", "tumor", "tumour")
 
 
 @dataclass
@@ -379,8 +379,7 @@ class _SegmentTask(_Task):
     def __init__(self, cfg: FinetuneConfig, manifest: Manifest):
         super().__init__(cfg, manifest)
         self.criterion = PartialDiceCELoss(ignore_index=manifest.ignore_index)
-        self.organs = [c for c in manifest.foreground_classes if not _is_lesion(self.classes[c])]
-        self.lesions = [c for c in manifest.foreground_classes if _is_lesion(self.classes[c])]
+        self.organs, self.lesions = split_classes(self.classes)
 
     def labelled_mask(self, vol: CaseVolume) -> Tensor:
         mask = torch.zeros(self.n_classes, dtype=torch.bool)
@@ -479,7 +478,8 @@ class _ClassifyTask(_Task):
         if cfg.dims != 2:
             raise MedsslError("classify mode works on 2D slices; pass --dims 2")
         names = {name: c for c, name in self.classes.items()}
-        wanted = cfg.target_class or next((n for n in names if _is_lesion(n)), None)
+        lesions = split_classes(self.classes)[1]
+        wanted = cfg.target_class or (self.classes[lesions[0]] if lesions else None)
         if wanted not in names:
             raise MedsslError(
                 f"classify: no class named {wanted!r} in manifest '{manifest.display_path}' "
@@ -580,10 +580,6 @@ def _crop_spec(crop: tuple[int, int], image: tuple[int, int], augment: bool) -> 
 _NO_INTENSITY = dict(
     gamma_prob=0.0, contrast_prob=0.0, brightness_prob=0.0, blur_prob=0.0, noise_prob=0.0
 )
-
-
-def _is_lesion(name: str) -> bool:
-    return any(w in name.lower() for w in LESION_WORDS)
 
 
 def run_budgets(

@@ -1,0 +1,56 @@
+import math
+
+import pandas as pd
+import pytest
+
+from medssl_kit.cli import main
+from medssl_kit.evaluate.report import comparison_table, split_classes, to_markdown
+from medssl_kit.evaluate.results import paired_wilcoxon, write_results
+
+
+def _rows():
+    rows = []
+    for method, gain in (("scratch", 0.0), ("ssl", 0.05)):
+        for seed in (0, 1, 2):
+            for case_index in range(4):
+                for class_id, name, base in ((1, "liver", 0.8), (2, "spleen", 0.6),
+                                             (7, "liver_lesion", 0.1)):  # fmt: skip
+                    dice = base + gain + 0.01 * case_index + 0.002 * seed
+                    rows.append(dict(method=method, backbone="unet", dims=2, labeled=1,
+                                     seed=seed, case=f"c{case_index}", class_id=class_id,
+                                     **{"class": name}, dice=dice, hd95=10 - 10 * gain,
+                                     iou=dice))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_split_classes():
+    assert split_classes({0: "bg", 1: "liver", 7: "liver_lesion", 8: "Tumour"}) == ([1], [7, 8])
+
+
+def test_comparison_table_values_and_p():
+    df = _rows()
+    table = comparison_table(df, organs=[1, 2], lesions=[7])
+    ssl = table[table["method"] == "ssl"].iloc[0]
+    scratch = table[table["method"] == "scratch"].iloc[0]
+    # organ mean per seed = mean over cases of (0.8+0.6)/2 + 0.015 + 0.002*seed; then over seeds
+    assert scratch["organ_dice"] == pytest.approx(0.7 + 0.015 + 0.002)
+    assert ssl["organ_dice"] - scratch["organ_dice"] == pytest.approx(0.05)
+    assert ssl["organ_dice_sd"] == pytest.approx(0.002)
+    assert ssl["lesion_dice"] == pytest.approx(0.15 + 0.015 + 0.002)
+    assert ssl["organ_hd95"] == pytest.approx(9.5)
+    expected = paired_wilcoxon(df, "ssl", "scratch", "dice", 1, classes=[1, 2])
+    assert ssl["p_vs_scratch"] == pytest.approx(expected["p_value"])
+    assert ssl["n_pairs"] == 12 and expected["p_value"] < 0.01
+    assert math.isnan(scratch["p_vs_scratch"])
+    text = to_markdown(table)
+    assert "| ssl | 1 | 0.767 ± 0.002 |" in text and text.count("\n") == 3
+
+
+def test_cli_report(tmp_path, capsys):
+    df = _rows()
+    for method, part in df.groupby("method"):
+        write_results(part.to_dict("records"), tmp_path / method / "results.csv")
+    assert main(["report", str(tmp_path), "--csv", str(tmp_path / "table.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "| scratch | 1 |" in out and "lesion Dice" in out
+    assert len(pd.read_csv(tmp_path / "table.csv")) == 2
