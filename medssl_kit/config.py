@@ -95,11 +95,11 @@ PROFILES: dict[str, Profile] = {
             cases=40, shape=(48, 128, 128), split={"pretrain": 20, "train": 8, "val": 4, "test": 8}
         ),
         finetune=FinetuneSettings(
-            steps=600,
+            steps=800,
             batch_size=8,
-            val_every=50,
-            patience=4,
-            checkpoint_every=50,
+            val_every=200,
+            patience=3,
+            checkpoint_every=200,
             channels=(16, 32, 64, 128, 256),
             crop_size=(96, 96),
             patch_size=(32, 64, 64),
