@@ -36,3 +36,4 @@ def get_method(name: str) -> type[PretrainMethod]:
 
 
 register("pixel_global", "medssl_kit.methods.pixel_global:PixelGlobal")
+register("pcrlv2", "medssl_kit.methods.pcrlv2:PCRLv2")
