@@ -18,7 +18,7 @@ from medssl_kit.methods.registry import get_method
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import FinetuneConfig, finetune
-from medssl_kit.train.pretrain import PretrainConfig, run_pretraining
+from medssl_kit.train.pretrain import PretrainConfig, load_method, run_pretraining
 from medssl_kit.train.transfer import read_transferable
 
 TINY = {"channels": (4, 8, 8, 8, 8), "dropout": 0.2}
@@ -299,6 +299,8 @@ def test_settings_per_profile_and_bad_settings():
     assert gpu.backbone_kwargs == {"backbone": "resnet50", "dropout": 0.1}
     assert (gpu.optimizer, gpu.lr, gpu.batch_size, gpu.crop_size) == ("lars", 0.2, 8, (224, 224))
     assert gpu.warmup_steps == 80 and gpu.method_cfg["mc_samples"] == 20
+    gpu_unet = PretrainConfig(method="pixel_global", profile="gpu", backbone="unet").resolved()
+    assert gpu_unet.backbone == "unet" and gpu_unet.backbone_kwargs == {"dropout": 0.1}
     assert gpu.method_cfg["mc_chunk"] is None  # all MC passes in one decoder call on a GPU
     cpu = PretrainConfig(method="pixel_global", profile="cpu").resolved()
     assert cpu.backbone == "unet" and cpu.backbone_kwargs["dropout"] > 0
@@ -364,7 +366,8 @@ def test_run_folder_transfer_and_exact_resume(tiny_phantom, tmp_path, monkeypatc
         if state[k].is_floating_point()
     )
 
-    loaded = PixelGlobal.from_run(run)
+    loaded = load_method(run)
+    assert isinstance(loaded, PixelGlobal)
     assert all(torch.equal(v, method_state[k]) for k, v in loaded.state_dict().items())
     u = loaded.uncertainty_map(torch.rand(3, 1, 48, 48), batch_size=2)
     assert u.shape == (3, 48, 48) and ((u >= 0) & (u <= 1)).all()

@@ -30,11 +30,11 @@ class ToyDenoise(PretrainMethod):
         self.ema_calls = 0
 
     @classmethod
-    def default_config(cls, profile):
+    def default_config(cls, profile, spatial_dims):
         return {"optimizer": "sgd", "lr": 0.05, "noise": 0.1}
 
     @classmethod
-    def backbone_kwargs(cls, profile, spatial_dims):
+    def backbone_kwargs(cls, profile, spatial_dims, backbone):
         return {"channels": (4, 8, 8, 8, 8)}
 
     def make_batch(self, items, generator):

@@ -13,9 +13,9 @@ A method declares which dataset it consumes (``dataset_kind``):
 - ``"volumes"``: whole :class:`~medssl_kit.data.io.CaseVolume` objects (methods that crop
   themselves, e.g. PCRLv2's sub-crop or two overlapping crops of one volume).
 
-and its defaults: ``default_config(profile)`` returns the method's own settings plus overrides of
-the loop's settings (optimizer, lr, steps, ...), following its paper; deviations are documented
-in the method's docstring.
+and its defaults: ``default_config(profile, dims)`` returns the method's own settings plus
+overrides of the loop's settings (optimizer, lr, steps, ...), following its paper; deviations are
+documented in the method's docstring.
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ class PretrainMethod(nn.Module):
         self.cfg: dict[str, Any] = dict(cfg or {})
 
     @classmethod
-    def default_config(cls, profile: str) -> dict[str, Any]:
-        """Settings for ``profile``: the method's own keys and loop overrides (see pretrain)."""
+    def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
+        """Settings for ``profile`` and dims: the method's own keys and loop overrides
+        (optimizer, lr, batch_size, ``backbone``, ...; see ``train.pretrain.PretrainConfig``)."""
         return {}
 
     @classmethod
-    def backbone_kwargs(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
-        """Backbone options the method needs (e.g. decoder dropout, skips off)."""
+    def backbone_kwargs(cls, profile: str, spatial_dims: int, backbone: str) -> dict[str, Any]:
+        """Options the method needs from ``backbone`` (e.g. decoder dropout, skips off)."""
         return {}
 
     def make_batch(self, items: list[Any], generator: torch.Generator) -> dict[str, Tensor]:

@@ -99,11 +99,9 @@ Choices the paper leaves open (or gets wrong), and why
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,8 +115,6 @@ from medssl_kit.errors import MedsslError
 from medssl_kit.losses import pixel_global as L
 from medssl_kit.methods.base import PretrainMethod
 from medssl_kit.models.heads import MLPHead, PixelProjectionHead
-from medssl_kit.models.registry import build_backbone
-from medssl_kit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 # The paper's ablation (Fig. 4) as settings.
 ABLATIONS: dict[str, dict[str, bool]] = {
@@ -288,26 +284,10 @@ class PixelGlobal(PretrainMethod):
         self.register_buffer("center_pixel", torch.zeros(cfg["pixel_dim"]))
         self._pending_centers: tuple[Tensor, Tensor | None] | None = None
 
-    @classmethod
-    def from_run(cls, run_dir: str | Path) -> PixelGlobal:
-        """The method (student, teacher, centres) of a run folder's latest checkpoint, in eval
-        mode — e.g. to look at the teacher's uncertainty (:meth:`uncertainty_map`)."""
-        run_dir = Path(run_dir)
-        config = json.loads((run_dir / "config.json").read_text())
-        if config.get("method") != cls.name:
-            raise MedsslError(f"'{run_dir}' is not a {cls.name} run: {config.get('method')}")
-        loop = config["config"]
-        method = cls(
-            build_backbone(**config["backbone"]),
-            {**loop["method_cfg"], "crop_size": tuple(loop["crop_size"])},
-        )
-        method.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["method"])
-        return method.eval()
-
     # --- settings -----------------------------------------------------------------------------
 
     @classmethod
-    def default_config(cls, profile: str) -> dict[str, Any]:
+    def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """The method's settings and, for ``gpu``, the paper's loop settings (see the docstring)."""
         if profile != "gpu":
             return {**SETTINGS, "mc_chunk": 1}
@@ -328,11 +308,12 @@ class PixelGlobal(PretrainMethod):
         }
 
     @classmethod
-    def backbone_kwargs(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
-        """Decoder dropout for MC dropout; ResNet-50 encoder on ``gpu``, small widths at smoke."""
-        if profile == "gpu":
-            return {"backbone": "resnet50", "dropout": DROPOUT}
-        if profile == "smoke":
+    def backbone_kwargs(cls, profile: str, spatial_dims: int, backbone: str) -> dict[str, Any]:
+        """Decoder dropout for MC dropout; a ResNet-50 encoder for ``resunet`` on ``gpu`` (the
+        paper's ResUNet50), ResNet-18 otherwise; small ``unet`` widths at smoke."""
+        if backbone == "resunet":
+            return {"backbone": "resnet50" if profile == "gpu" else "resnet18", "dropout": DROPOUT}
+        if backbone == "unet" and profile == "smoke":
             return {"channels": (8, 16, 32, 64, 128), "dropout": DROPOUT}
         return {"dropout": DROPOUT}
 

@@ -330,7 +330,7 @@ def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
             for k, v in backbone_cfg.items()
             if k not in ("name", "spatial_dims", "in_channels", "out_channels")
         } | {k: v for k, v in cfg.backbone_kwargs.items() if k != "channels"}
-        if cfg.mode == "full" and cfg.backbone == "unet":
+        if cfg.mode == "full" and "skips" in kwargs:
             kwargs["skips"] = True  # PCRLv2: a non-skip encoder is fine-tuned inside a skip UNet
     backbone = build_backbone(cfg.backbone, cfg.dims, in_channels, out_channels, **kwargs)
     if str(init) != "scratch":

@@ -18,6 +18,7 @@ Settings resolve in this order, later winning: the profile's budgets, the method
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -97,7 +98,7 @@ class PretrainConfig:
             raise MedsslError(
                 f"method '{out.method}' runs in {method_cls.spatial_dims}-D, not {out.dims}-D"
             )
-        defaults = method_cls.default_config(prof.name)
+        defaults = method_cls.default_config(prof.name, out.dims)
         loop_names = {f.name for f in fields(PretrainConfig)}
         base = {
             **LOOP_DEFAULTS,
@@ -119,7 +120,7 @@ class PretrainConfig:
             **out.method_cfg,
         }
         out.backbone_kwargs = {
-            **method_cls.backbone_kwargs(prof.name, out.dims),
+            **method_cls.backbone_kwargs(prof.name, out.dims, out.backbone),
             **out.backbone_kwargs,
         }
         return out
@@ -277,6 +278,25 @@ def build_dataset(method_cls: type[PretrainMethod], manifest: Manifest, cfg: Pre
             volumes, cfg.patch_size, foreground_ratio=0.0, seed=cfg.seed, with_label=False
         )
     return volumes
+
+
+def load_method(run_dir: str | Path) -> PretrainMethod:
+    """The method of a pre-training run folder (backbone, heads, teachers, buffers) as of its
+    latest checkpoint, in eval mode — to look at what it learned (uncertainty maps,
+    restorations)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise MedsslError(f"'{run_dir}' is not a run folder (no config.json)")
+    config = json.loads(config_path.read_text())
+    if config.get("kind") != "pretrain":
+        raise MedsslError(f"'{run_dir}' is not a pre-training run (kind {config.get('kind')!r})")
+    loop = config["config"]
+    method_cls = get_method(config["method"])
+    sizes = {"crop_size": tuple(loop["crop_size"]), "patch_size": tuple(loop["patch_size"])}
+    method = method_cls(build_backbone(**config["backbone"]), {**loop["method_cfg"], **sizes})
+    method.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["method"])
+    return method.eval()
 
 
 def run_pretraining(
