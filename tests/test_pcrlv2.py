@@ -146,7 +146,11 @@ def test_defaults_follow_the_paper_and_the_profile():
     assert get_method("pcrlv2") is PCRLv2
     cfg = PretrainConfig(method="pcrlv2", profile="smoke", dims=3).resolved()
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule) == (
-        "sgd", 1e-3, 0.9, 1e-5, "cosine"
+        "sgd",
+        1e-3,
+        0.9,
+        1e-5,
+        "cosine",
     )  # fmt: skip  (3D: the public 3D script's lr; 2D: 1e-2, below)
     assert cfg.crop_size == (48, 48) and cfg.patch_size == (16, 32, 32)
     assert cfg.backbone == "unet" and cfg.backbone_kwargs["skips"] is False

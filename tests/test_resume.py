@@ -1,4 +1,4 @@
-"""Killing a fine-tuning run part-way and resuming it ends with the weights of an uninterrupted run."""
+"""Killing a fine-tuning run part-way and resuming it ends with the uninterrupted run's weights."""
 
 from __future__ import annotations
 
