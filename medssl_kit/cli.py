@@ -403,9 +403,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
 # export
 
 
-def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    from medssl_kit.models.export import EXPORT_TARGETS
+# The keys of medssl_kit.models.export.EXPORT_TARGETS (a test keeps them equal), spelled out so
+# that building the parser does not import torch.
+EXPORT_TARGET_NAMES = ("monai-unet", "flexible-unet", "unetr")
 
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="write a run's backbone weights for the matching MONAI network",
@@ -415,7 +418,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         "network's name and constructor arguments).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--to", required=True, choices=sorted(EXPORT_TARGETS), dest="target")
+    p.add_argument("--to", required=True, choices=EXPORT_TARGET_NAMES, dest="target")
     p.add_argument("--out", required=True, metavar="FILE")
     p.set_defaults(handler=_run_export)
 

@@ -1,4 +1,4 @@
-"""Profiles (smoke / cpu / gpu) and seeding.
+"""Profiles (smoke / cpu / gpu).
 
 A profile fixes the sizes and budgets of every stage so that one switch takes the whole workbench
 from a seconds-long smoke test to the papers' settings. The active profile is the ``--profile``
@@ -8,11 +8,7 @@ argument where a command has one, else the ``MEDSSL_PROFILE`` environment variab
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass, field
-
-import numpy as np
-import torch
 
 PROFILE_ENV = "MEDSSL_PROFILE"
 DEFAULT_PROFILE = "cpu"
@@ -151,11 +147,3 @@ def get_profile(name: str | None = None) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile '{name}'; choose one of {sorted(PROFILES)}") from None
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)

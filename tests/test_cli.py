@@ -194,3 +194,22 @@ def test_python_dash_m(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0 and medssl_kit.__version__ in result.stdout
+
+
+def test_export_target_names_match_the_models_layer():
+    from medssl_kit.cli import EXPORT_TARGET_NAMES
+    from medssl_kit.models.export import EXPORT_TARGETS
+
+    assert set(EXPORT_TARGET_NAMES) == set(EXPORT_TARGETS)
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from medssl_kit.cli import main; main(['--help']); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
