@@ -13,7 +13,7 @@ import torch
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.transfer import read_transferable
 
-STEPS = 200
+STEPS = 80
 
 
 def _command(manifest, out, *extra):
