@@ -192,3 +192,20 @@ def test_cli_finetune_prints_summary_and_fails_cleanly(tiny_phantom, tmp_path, c
     assert err.count("\n") == 1 and "resume" in err and "Traceback" not in err
     assert main([*args[:-4], "--set", "nonsense=1"]) == 2
     assert "unknown setting" in capsys.readouterr().err
+
+
+def test_encoder_only_transfer_leaves_the_decoder_random(scratch_run, tiny_phantom, tmp_path):
+    src = read_transferable(scratch_run.run_dir)["state_dict"]
+    backbone = build_backbone(**read_transferable(scratch_run.run_dir)["backbone"])
+    report = load_transferable(backbone, scratch_run.run_dir, encoder_only=True)
+    assert report.matched and all(k.startswith("encoder.") for k in report.matched)
+    assert any(k.startswith("decoder.") for k in report.missing)
+    state = backbone.state_dict()
+    assert all(torch.equal(state[k], src[k]) for k in report.matched)
+    result = finetune(scratch_run.run_dir, tiny_phantom,
+                      FinetuneConfig(transfer="encoder", **FAST), tmp_path / "enc",
+                      progress=False)  # fmt: skip
+    assert not result.key_report.complete and result.key_report.matched == report.matched
+    with pytest.raises(MedsslError, match="transfer"):
+        finetune("scratch", tiny_phantom, FinetuneConfig(transfer="decoder", **FAST),
+                 tmp_path / "bad", progress=False)  # fmt: skip

@@ -102,6 +102,7 @@ class FinetuneConfig:
     patch_size: tuple[int, int, int] | None = None  # 3D training patch and inference ROI
     augment: bool = True
     target_class: str | None = None  # classify: the class whose presence is predicted
+    transfer: str = "all"  # "all" transferable weights, or "encoder" only (decoder re-initialised)
 
     def resolved(self) -> FinetuneConfig:
         """A copy with every ``None`` budget filled in from the profile."""
@@ -113,6 +114,8 @@ class FinetuneConfig:
             raise MedsslError(f"unknown fine-tuning mode '{out.mode}'; choose one of {MODES}")
         if out.dims not in (2, 3):
             raise MedsslError(f"dims must be 2 or 3, got {out.dims}")
+        if out.transfer not in ("all", "encoder"):
+            raise MedsslError(f"transfer must be 'all' or 'encoder', got {out.transfer!r}")
         out.steps = out.steps or ft.steps
         out.batch_size = out.batch_size or (ft.batch_size if out.dims == 2 else ft.batch_size_3d)
         out.lr = out.lr or ft.lr
@@ -334,7 +337,7 @@ def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
             kwargs["skips"] = True  # PCRLv2: a non-skip encoder is fine-tuned inside a skip UNet
     backbone = build_backbone(cfg.backbone, cfg.dims, in_channels, out_channels, **kwargs)
     if str(init) != "scratch":
-        report = load_transferable(backbone, Path(init))
+        report = load_transferable(backbone, Path(init), encoder_only=cfg.transfer == "encoder")
     if cfg.mode == "probe":
         _freeze_all_but_head(backbone)
     model = _Classifier(backbone) if cfg.mode == "classify" else backbone

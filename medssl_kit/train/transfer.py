@@ -61,17 +61,26 @@ def read_transferable(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_transferable(backbone: nn.Module, path: str | Path) -> KeyReport:
-    """Load the matching weights of ``path`` into ``backbone``; fail when nothing matches."""
+def load_transferable(
+    backbone: nn.Module, path: str | Path, encoder_only: bool = False
+) -> KeyReport:
+    """Load the matching weights of ``path`` into ``backbone``; fail when nothing matches.
+
+    ``encoder_only`` keeps only the keys under the backbone's ``encoder_prefixes`` (the decoder
+    starts from random weights, e.g. to measure what a pre-trained decoder adds).
+    """
     data = read_transferable(path)
-    report = KeyReport.compare(backbone.state_dict(), data["state_dict"])
+    state = data["state_dict"]
+    if encoder_only:
+        state = {k: v for k, v in state.items() if k.startswith(backbone.encoder_prefixes)}
+    report = KeyReport.compare(backbone.state_dict(), state)
     if not report.matched:
         raise MedsslError(
             f"no weight of '{path}' fits the '{backbone.name}' backbone being fine-tuned "
             f"({report.summary().splitlines()[0]}); was it pre-trained with another backbone "
             "or input size?"
         )
-    backbone.load_state_dict({k: data["state_dict"][k] for k in report.matched}, strict=False)
+    backbone.load_state_dict({k: state[k] for k in report.matched}, strict=False)
     return report
 
 
