@@ -98,8 +98,6 @@ Choices the paper leaves open (or gets wrong), and why
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -114,6 +112,7 @@ from medssl_kit.data.views import ViewPair, ViewSpec, correspondence, replay, sa
 from medssl_kit.errors import MedsslError
 from medssl_kit.losses import pixel_global as L
 from medssl_kit.methods.base import PretrainMethod
+from medssl_kit.methods.ema import ema_update_, frozen_copy, teacher_momentum
 from medssl_kit.models.heads import MLPHead, PixelProjectionHead
 
 # The paper's ablation (Fig. 4) as settings.
@@ -160,14 +159,6 @@ SETTINGS: dict[str, Any] = {
 # Keys the pre-training loop adds to every method's settings.
 _LOOP_KEYS = ("crop_size", "patch_size")
 DROPOUT = 0.1
-
-
-def teacher_momentum(k: int, total: int, base: float = 0.996) -> float:
-    """EMA momentum after ``k`` of ``total`` steps: ``1 − (1 − base)(cos(π k / K) + 1) / 2``.
-
-    ``base`` at ``k = 0``, rising on a cosine to 1 at ``k = total`` (BYOL; the paper's λ).
-    """
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * k / total) + 1.0) / 2.0
 
 
 def _swapped(pair: ViewPair) -> ViewPair:
@@ -272,14 +263,10 @@ class PixelGlobal(PretrainMethod):
         self.pixel_head = PixelProjectionHead(
             2, backbone.decoder_channels[-1], cfg["pixel_hidden"], cfg["pixel_dim"], n_layers=2
         )
-        self.teacher = nn.ModuleDict(
-            {
-                "backbone": copy.deepcopy(backbone),
-                "global_head": copy.deepcopy(self.global_head),
-                "pixel_head": copy.deepcopy(self.pixel_head),
-            }
+        student = nn.ModuleDict(
+            {"backbone": backbone, "global_head": self.global_head, "pixel_head": self.pixel_head}
         )
-        self.teacher.requires_grad_(False)
+        self.teacher = frozen_copy(student)  # the EMA teacher (methods.ema)
         self.register_buffer("center_global", torch.zeros(cfg["global_dim"]))
         self.register_buffer("center_pixel", torch.zeros(cfg["pixel_dim"]))
         self._pending_centers: tuple[Tensor, Tensor | None] | None = None
@@ -524,9 +511,7 @@ class PixelGlobal(PretrainMethod):
         of the centres from the batch just used."""
         lam = teacher_momentum(step - 1, max_steps, self.cfg["base_momentum"])
         for part in ("backbone", "global_head", "pixel_head"):
-            s_mod, t_mod = getattr(self, part), self.teacher[part]
-            for p_s, p_t in zip(s_mod.parameters(), t_mod.parameters(), strict=True):
-                p_t.mul_(lam).add_(p_s.detach(), alpha=1.0 - lam)
+            ema_update_(self.teacher[part], getattr(self, part), lam)
         if self._pending_centers is not None:
             t_global, t_pix = self._pending_centers
             m = self.cfg["center_momentum"]

@@ -37,3 +37,9 @@ def get_method(name: str) -> type[PretrainMethod]:
 
 register("pixel_global", "medssl_kit.methods.pixel_global:PixelGlobal")
 register("pcrlv2", "medssl_kit.methods.pcrlv2:PCRLv2")
+register("ssmtl", "medssl_kit.methods.ssmtl:SSMTL")
+register("ssmtl_plus", "medssl_kit.methods.ssmtl:SSMTLPlus")
+register("simsiam", "medssl_kit.methods.baselines:SimSiam")
+register("byol", "medssl_kit.methods.baselines:BYOL")
+register("mocov2", "medssl_kit.methods.baselines:MoCoV2")
+register("models_genesis", "medssl_kit.methods.baselines:ModelsGenesis")
