@@ -91,11 +91,11 @@ PROFILES: dict[str, Profile] = {
             cases=40, shape=(48, 128, 128), split={"pretrain": 20, "train": 8, "val": 4, "test": 8}
         ),
         finetune=FinetuneSettings(
-            steps=800,
+            steps=1600,  # 800 left small organs unlearned in some seeds (organ Dice 0.64 vs 0.96)
             batch_size=8,
-            val_every=200,
+            val_every=400,
             patience=3,
-            checkpoint_every=200,
+            checkpoint_every=400,
             channels=(16, 32, 64, 128, 256),
             crop_size=(96, 96),
             patch_size=(32, 64, 64),
