@@ -23,7 +23,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from medssl_kit.config import PROFILES  # noqa: E402
-from medssl_kit.data.phantom import LABELS, generate_case  # noqa: E402
+from medssl_kit.data.phantom import LABELS, Tissue, generate_case  # noqa: E402
 
 COLOURS = {
     1: (0.85, 0.25, 0.2),
@@ -75,8 +75,8 @@ def main() -> None:
     kidneys = np.argwhere((label == 3) | (label == 4))
     coronal_y = int(kidneys[:, 1].mean())
     slices = _pick_slices(label)
-    # Crop to the body (plus a margin): the radiological display flips y and x.
-    _, ys, xs = np.nonzero(case.tissue)
+    # Crop to the body (plus a margin; not the couch): the radiological display flips y and x.
+    _, ys, xs = np.nonzero(~np.isin(case.tissue, (Tissue.AIR, Tissue.TABLE)))
     y0, y1 = max(ys.min() - 3, 0), ys.max() + 4
     x0, x1 = max(xs.min() - 3, 0), xs.max() + 4
     flip = (slice(y1 - 1, y0 - 1 if y0 else None, -1), slice(x1 - 1, x0 - 1 if x0 else None, -1))
@@ -98,7 +98,8 @@ def main() -> None:
     handles = [Patch(color=COLOURS[k], label=LABELS[k].replace("_", " ")) for k in sorted(COLOURS)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(
-        f"medssl_kit phantom: CT case {case.case_id} (seed {args.seed}), shape {image.shape},"
+        f"medssl_kit phantom: CT case {case.case_id} (seed {args.seed},"
+        f" {case.acquisition['phase'].replace('_', ' ')} phase), shape {image.shape},"
         f" spacing {sz:.2f} x {case.spacing[1]:.2f} x {sx:.2f} mm, window [-160, 240] HU",
         fontsize=9,
     )

@@ -11,11 +11,15 @@ from scipy import ndimage
 
 from medssl_kit.config import PROFILES
 from medssl_kit.data.phantom import (
+    CONTRAST_PHASES,
     DEFAULT_FOV_MM,
     DEFAULT_SHAPE,
+    DFOV_RANGE_MM,
     LABELS,
+    SCAN_TOP_ABOVE_DOME_MM,
     SOURCE_CLASSES,
     Tissue,
+    _ct_lookup,
     default_split,
     generate_case,
     make_phantom,
@@ -39,6 +43,12 @@ def _read(path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
 @pytest.fixture(scope="module")
 def ct_cases():
     return [generate_case(i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def phase_cases():
+    """Cases 8-23 at a coarser grid: every contrast phase is drawn among them."""
+    return [generate_case(i, shape=(24, 96, 96)) for i in range(8, 24)]
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +83,54 @@ def test_dtypes_shapes_and_ids():
     assert case.image.min() >= -1024 and case.image.max() <= 3071
 
 
-def test_spacing_default_jitters_z_only_and_explicit_spacing_is_exact(ct_cases):
+def test_spacing_follows_the_field_of_view_and_explicit_spacing_is_exact(ct_cases):
     d, h, w = DEFAULT_SHAPE
-    z_spacings = []
+    z_spacings, fovs = [], []
     for case in ct_cases:
         sz, sy, sx = case.spacing
-        assert sy == DEFAULT_FOV_MM[1] / h and sx == DEFAULT_FOV_MM[2] / w
+        fov = case.acquisition["dfov_mm"]
+        # In-plane spacing: the case's display field of view over the matrix (square pixels).
+        assert sy == pytest.approx(fov / h) and sx == pytest.approx(fov / w)
+        assert DFOV_RANGE_MM[0] <= fov <= DFOV_RANGE_MM[1] + 40  # widened only to fit the body
         assert 0.85 * DEFAULT_FOV_MM[0] / d <= sz <= 1.15 * DEFAULT_FOV_MM[0] / d
+        # The skin is never cut: the outer rows and columns hold no patient (air or couch only).
+        body = ~np.isin(case.tissue, (Tissue.AIR, Tissue.TABLE))
+        assert not body[:, [0, -1], :].any() and not body[:, :, [0, -1]].any(), case.case_id
         z_spacings.append(sz)
+        fovs.append(fov)
     assert max(z_spacings) - min(z_spacings) > 0.2  # slice spacing varies between cases
+    assert max(fovs) / min(fovs) > 1.15  # in-plane spacing varies between cases
     explicit = generate_case(0, shape=SMALL, spacing=(12.5, 5.0, 4.5))
     assert explicit.spacing == (12.5, 5.0, 4.5)
+    for i in (0, 1):  # a given spacing is honoured exactly for every case
+        assert generate_case(i, shape=SMALL, spacing=(15.0, 5.6, 5.6)).spacing == (15.0, 5.6, 5.6)
+
+
+def test_given_spacing_changes_only_the_sampling():
+    """The patient, pose and scan range are drawn whatever the spacing; the default grid and the
+    same spacing passed explicitly give the same case."""
+    default = generate_case(6, shape=SMALL)
+    explicit = generate_case(6, shape=SMALL, spacing=default.spacing)
+    assert np.array_equal(default.label, explicit.label)
+    assert np.abs(default.image - explicit.image).max() <= 1.0
+
+
+def test_scan_range_moves_organs_between_cases():
+    """The top of the scan lies 10-70 mm above the diaphragm (per case), so on one fixed grid the
+    organs sit at different slices from case to case."""
+    spacing = (5.0, 3.0, 3.0)
+    tops, liver_z, kidney_z = [], [], []
+    for i in range(8):
+        case = generate_case(i, shape=(48, 32, 32), spacing=spacing)
+        top = case.acquisition["scan_top_above_dome_mm"]
+        assert SCAN_TOP_ABOVE_DOME_MM[0] <= top <= SCAN_TOP_ABOVE_DOME_MM[1]
+        tops.append(top)
+        liver_z.append(np.argwhere(case.label == 1)[:, 0].mean() * spacing[0])
+        kidney_z.append(np.argwhere(np.isin(case.label, (3, 4)))[:, 0].mean() * spacing[0])
+    assert np.ptp(tops) > 30
+    assert np.ptp(liver_z) > 20 and np.ptp(kidney_z) > 20  # mm
+    # The organs move with the scan range: a higher scan top puts them lower in the volume.
+    assert np.corrcoef(tops, liver_z)[0, 1] < -0.3
 
 
 def test_anatomy_is_defined_in_millimetres():
@@ -165,24 +212,97 @@ def test_lesion_contrast_is_low(ct_cases):
     assert contrasts and max(contrasts) < 75 and 5 < np.median(contrasts) < 45
 
 
-def test_hounsfield_units_by_structure(ct_cases):
-    ranges = {1: (40, 95), 2: (30, 75), 3: (100, 175), 4: (100, 175), 5: (150, 205), 6: (400, 900)}
+# Expected mean HU of the eroded labels per phase (non-contrast, late arterial, portal venous,
+# delayed) and the tolerance: per-case jitter, enhancement gain, partial volume and noise.
+EXPECTED_HU = {
+    1: ((58, 80, 105, 88), 25),  # liver
+    2: ((48, 95, 115, 85), 30),  # spleen (heterogeneous in the late arterial phase)
+    3: ((32, 150, 160, 135), 45),  # left kidney: cortex + medulla
+    4: ((32, 150, 160, 135), 45),  # right kidney
+    5: ((42, 300, 160, 110), 80),  # aorta
+    6: ((625, 625, 625, 625), 275),  # vertebra: cortex, cancellous bone and discs
+}
+
+
+def _label_means(case) -> dict[int, float]:
+    return {k: float(case.image[_erode(case.label == k)].mean()) for k in EXPECTED_HU}
+
+
+def test_hounsfield_units_by_structure(ct_cases, phase_cases):
     tissue_ranges = {
         Tissue.SUBCUTANEOUS_FAT: (-125, -75),
-        Tissue.MUSCLE: (35, 70),
+        Tissue.MUSCLE: (35, 75),
         Tissue.LUNG: (-900, -780),
     }
-    for case in ct_cases:
-        means = {k: case.image[_erode(case.label == k)].mean() for k in ranges}
-        for k, (lo, hi) in ranges.items():
-            assert lo <= means[k] <= hi, (case.case_id, LABELS[k], means[k])
+    checked = 0
+    for case in ct_cases + phase_cases:
+        phase = CONTRAST_PHASES.index(case.acquisition["phase"])
+        means = _label_means(case)
+        for k, (values, tolerance) in EXPECTED_HU.items():
+            assert abs(means[k] - values[phase]) <= tolerance, (case.case_id, LABELS[k], means[k])
         for t, (lo, hi) in tissue_ranges.items():
-            mean = case.image[_erode(case.tissue == t)].mean()
-            assert lo <= mean <= hi, (case.case_id, t.name, mean)
-        # Liver and spleen are close in HU: only shape and position tell them apart.
+            inner = _erode(case.tissue == t)
+            if inner.sum() >= 50:  # a lean patient's fat layer can be thinner than 3 voxels
+                checked += 1
+                mean = case.image[inner].mean()
+                assert lo <= mean <= hi, (case.case_id, t.name, mean)
+    assert checked >= 2 * len(tissue_ranges) * len(ct_cases + phase_cases) // 3
+
+
+def test_contrast_phases_are_drawn_across_cases_with_their_hu_ordering(ct_cases, phase_cases):
+    cases = ct_cases + phase_cases
+    by_phase: dict[str, list] = {p: [] for p in CONTRAST_PHASES}
+    for case in cases:
+        by_phase[case.acquisition["phase"]].append(_label_means(case))
+    assert all(by_phase.values()), {p: len(v) for p, v in by_phase.items()}  # every phase occurs
+
+    def mean(phase, label):
+        return np.mean([m[label] for m in by_phase[phase]])
+
+    # Aorta: late arterial > portal venous > delayed > non-contrast.
+    aorta = [mean(p, 5) for p in ("late_arterial", "portal_venous", "delayed", "non_contrast")]
+    assert aorta == sorted(aorta, reverse=True) and aorta[0] - aorta[1] > 80
+    # Unenhanced kidneys are darker than the liver; enhanced ones much brighter.
+    assert mean("non_contrast", 3) < mean("non_contrast", 1)
+    for phase in ("late_arterial", "portal_venous", "delayed"):
+        assert mean(phase, 3) > mean(phase, 1) + 30, phase
+    # The liver enhances most in the portal venous phase.
+    liver = {p: mean(p, 1) for p in CONTRAST_PHASES}
+    assert max(liver, key=liver.get) == "portal_venous"
+    assert liver["non_contrast"] == min(liver.values())
+    # Images of one phase vary: per-case jitter and the enhancement gain.
+    for phase, means in by_phase.items():
+        if len(means) >= 3:
+            assert np.ptp([m[1] for m in means]) > 3, phase
+
+
+def test_phase_table_liver_spleen_close_and_corticomedullary_pattern():
+    """The drawn HU tables (before texture, blur and noise), many draws per phase."""
+    T = Tissue
+    for phase, name in enumerate(CONTRAST_PHASES):
+        draws = [_ct_lookup(np.random.default_rng([phase, i]), phase)[0] for i in range(200)]
+        table = np.array(draws)
+        liver, spleen = table[:, T.LIVER], table[:, T.SPLEEN]
+        assert np.abs(liver - spleen).max() <= 25, name  # shape and position must decide
+        assert np.array_equal(table[:, T.LIVER_LESION], liver)
+        cortex, medulla = table[:, T.KIDNEY_LEFT_CORTEX], table[:, T.KIDNEY_LEFT_MEDULLA]
+        assert np.array_equal(cortex, table[:, T.KIDNEY_RIGHT_CORTEX])
+        if name == "late_arterial":
+            assert (cortex - medulla).min() > 50  # corticomedullary differentiation
+            assert table[:, T.AORTA].min() > 200 and table[:, T.IVC].max() < 150
+        else:
+            assert np.abs(cortex - medulla).max() < 40
+        if name == "non_contrast":
+            assert table[:, T.AORTA].max() < 60 and cortex.max() < 45
+        assert table[:, T.AORTA].min() > 30 and table[:, T.AORTA].max() < 400
+        assert 0.0 < table[:, T.LIVER].std() < 12  # per-case jitter of a few HU
+
+
+def test_liver_and_spleen_are_close_in_every_phase(ct_cases, phase_cases):
+    for case in ct_cases + phase_cases:
         liver = case.image[_erode(case.tissue == Tissue.LIVER)].mean()
         spleen = case.image[_erode(case.tissue == Tissue.SPLEEN)].mean()
-        assert abs(liver - spleen) < 25, case.case_id
+        assert abs(liver - spleen) < 25, (case.case_id, case.acquisition["phase"])
 
 
 def test_left_right_and_anterior_posterior_layout(ct_cases):
@@ -226,6 +346,8 @@ def test_unlabelled_context_is_present(ct_cases):
         Tissue.LUNG,
         Tissue.PANCREAS,
         Tissue.IVC,
+        Tissue.RENAL_PELVIS,
+        Tissue.TABLE,
     )
     for case in ct_cases:
         for t in context:
@@ -237,16 +359,50 @@ def test_unlabelled_context_is_present(ct_cases):
         assert np.median(gas_z) < case.label.shape[0] / 2
 
 
+def test_oral_contrast_and_couch(ct_cases, phase_cases):
+    """Positive oral contrast in some cases (bright bowel, stomach), the couch under every
+    patient; both are unlabelled background."""
+    oral = []
+    for case in ct_cases + phase_cases:
+        lumen = np.isin(case.tissue, (Tissue.BOWEL_CONTENT, Tissue.STOMACH_CONTENT))
+        assert (case.label[lumen] == 0).all()
+        brightest = np.percentile(case.image[lumen], 90)
+        oral.append(case.acquisition["oral_contrast"])
+        if oral[-1]:
+            assert brightest > 150, case.case_id
+        else:
+            assert brightest < 110, case.case_id
+        couch = case.tissue == Tissue.TABLE
+        assert couch.any() and (case.label[couch] == 0).all()
+        # Fixed to the scanner, under the patient's back (posterior = low y index).
+        body_y = np.nonzero(~np.isin(case.tissue, (Tissue.AIR, Tissue.TABLE)))[1]
+        assert np.nonzero(couch)[1].mean() < body_y.min() <= np.nonzero(couch)[1].max() + 2
+    assert 0 < sum(oral) < len(oral)
+
+
 def test_cases_vary(ct_cases):
     def variation(values):
         return np.std(values) / np.mean(values)
 
-    middle = [
-        (c.tissue[c.tissue.shape[0] // 2] > 0).sum() * np.prod(c.spacing[1:]) for c in ct_cases
-    ]
+    def body(c):
+        return ~np.isin(c.tissue, (Tissue.AIR, Tissue.TABLE))
+
+    middle = [body(c)[c.tissue.shape[0] // 2].sum() * np.prod(c.spacing[1:]) for c in ct_cases]
     assert variation(middle) > 0.04  # body size and shape (cross-section area, mm2)
     livers = [(c.label == 1).sum() * np.prod(c.spacing) for c in ct_cases]
     assert variation(livers) > 0.08  # organ size
+    # Habitus: subcutaneous fat from lean to obese (fat area / body area in the middle slice).
+    fat = [
+        (c.tissue[c.tissue.shape[0] // 2] == Tissue.SUBCUTANEOUS_FAT).sum()
+        / body(c)[c.tissue.shape[0] // 2].sum()
+        for c in ct_cases
+    ]
+    assert max(fat) > 3 * min(fat) and max(fat) > 0.2
+    # Pose: in-plane rotation up to about 9 degrees and table offsets up to 20 mm.
+    angles = [c.acquisition["rotation_deg"] for c in ct_cases]
+    offsets = np.array([c.acquisition["table_offset_mm"] for c in ct_cases])
+    assert max(np.abs(angles)) <= 9 and np.ptp(angles) > 6
+    assert np.abs(offsets).max() <= 20 and np.ptp(offsets, axis=0).min() > 10
 
 
 def test_noise_is_correlated_and_varies_between_cases(ct_cases):
@@ -261,7 +417,11 @@ def test_noise_is_correlated_and_varies_between_cases(ct_cases):
         correlations.append(np.corrcoef(a, b)[0, 1])
     assert min(sigmas) > 4 and max(sigmas) < 35
     assert max(sigmas) / min(sigmas) > 1.2
-    assert min(correlations) > 0.25  # white noise would give about -0.1 after the high-pass
+    assert min(correlations) > 0.2  # white noise would give about -0.1 after the high-pass
+    # Reconstruction kernel: a sharp kernel leaves finer (less correlated) noise than a smooth one.
+    sharpness = [c.acquisition["kernel_sharpness"] for c in ct_cases]
+    assert np.ptp(sharpness) > 0.4
+    assert np.corrcoef(sharpness, correlations)[0, 1] < -0.3
 
 
 # --- MRI ---------------------------------------------------------------------------------------
@@ -288,7 +448,10 @@ def test_mri_same_anatomy_other_contrast_with_bias_field(ct_cases, mri_cases):
         # T1-like: fat brightest, flowing blood dark; in CT fat is darkest and the aorta bright.
         assert mean[Tissue.SUBCUTANEOUS_FAT] > mean[Tissue.LIVER] > mean[Tissue.AORTA]
         assert mean[Tissue.AORTA] < mean[Tissue.MUSCLE]
-        assert ct_mean[Tissue.SUBCUTANEOUS_FAT] < ct_mean[Tissue.LIVER] < ct_mean[Tissue.AORTA]
+        assert ct_mean[Tissue.SUBCUTANEOUS_FAT] < ct_mean[Tissue.LIVER]
+        if ct.acquisition["phase"] != "non_contrast":
+            assert ct_mean[Tissue.LIVER] < ct_mean[Tissue.AORTA]
+        assert mr.acquisition["phase"] is None  # MRI: pre-contrast T1 whatever the CT phase
         liver_over_spleen.append(mean[Tissue.LIVER] / mean[Tissue.SPLEEN])
         # Bias field: a smooth multiplicative trend across the body in MRI, none in CT.
         mri_gradients.append(_fat_gradient(mr, np.log))

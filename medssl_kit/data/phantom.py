@@ -1,10 +1,11 @@
 """Procedural abdominal CT / MRI phantom: the workbench's embedded default dataset (DESIGN §2.1).
 
-Every case is an abdominal scan from the lung bases to the lower abdomen, drawn from its own random
-anatomy: body outline with subcutaneous fat and an abdominal wall, paraspinal / psoas muscles, ribs,
-lungs and heart above the diaphragm, liver (with vessels and 0-3 small lesions), gallbladder,
-spleen, stomach, pancreas, kidneys (cortex, medulla, sinus fat), aorta and inferior vena cava with
-their renal branches, vertebrae with discs and posterior elements, small bowel and colon.
+Every case is an abdominal scan from just above the diaphragm to the lower abdomen, drawn from its
+own random anatomy: body outline with subcutaneous fat and an abdominal wall, paraspinal / psoas
+muscles, ribs, lungs and heart above the diaphragm, liver (with vessels and 0-3 small lesions),
+gallbladder, spleen, stomach, pancreas, kidneys (cortex, medulla, sinus fat, renal pelvis), aorta
+and inferior vena cava with their renal branches, vertebrae with discs and posterior elements, small
+bowel and colon, and the scanner couch under the patient.
 
 Conventions (shared by the whole project):
 
@@ -15,24 +16,77 @@ Conventions (shared by the whole project):
   ``diag(sx, sy, sz, 1)`` this is RAS+, so MONAI's ``Orientation("RAS")`` leaves it unchanged.
   To display a slice in the radiological convention (anterior up, patient's right on the screen's
   left) show ``image[k, ::-1, ::-1]``.
-* Anatomy is defined in millimetres around the centre of the field of view, so any shape / spacing
-  samples the same patient. The default field of view is 240 mm (z) x 360 mm x 360 mm; unless a
-  spacing is given, each case's slice spacing is jittered by a factor in [0.85, 1.15].
+* Anatomy is defined in millimetres in the patient frame; the acquisition geometry below places
+  the patient in the scanner, so any shape / spacing samples the same patient.
 * CT images are integer-valued Hounsfield units in ``float32`` arrays, clipped to [-1024, 3071] and
   written as ``int16`` NIfTI (exactly representable, so reading back gives the same values). MRI
   images are non-negative ``float32`` arbitrary units (T1-like contrast, smooth multiplicative bias
   field, Rician noise) written as ``float32``. Labels are ``uint8`` (:data:`LABELS`).
 * Each case draws from its own generators seeded from ``(seed, case index)``: anatomy, acquisition
   geometry and appearance have separate streams, so the CT and the MRI of a case show the same
-  anatomy, and results do not depend on the number of worker processes.
+  anatomy in the same position, and results do not depend on the number of worker processes.
+  What was drawn for a case's scan is returned in ``PhantomCase.acquisition``.
 
-Reference intensities (CT, before per-case shifts, blur and noise): liver 60 HU, spleen 50,
-pancreas 45, kidney cortex 150 / medulla 90-135, aorta 180, IVC 120, vertebral cortex 850,
-cancellous bone 420, posterior elements 620, ribs 550, muscle 50, subcutaneous fat -100, visceral
-fat -95, lung -850, air -1000. Per case: contrast phase shifts liver / spleen / pancreas / veins by
-up to +-15 HU together (so liver - spleen stays 2-18 HU), kidney and aorta vary by +-15, noise
-sigma 8-25 HU (spatially correlated), partial-volume blur. Lesions: 0-3 per case, 3-12 mm
-diameter, inside the liver, 15-40 HU darker (70 %) or brighter than liver.
+Variability between cases (version 2 makes it large enough that one labelled case does not cover
+the distribution, while the unlabelled pool does; typical values from the radiology literature):
+
+* **Patient.** Body and organ sizes (+-15 %), positions, elastic deformation (as in version 1).
+  Habitus: subcutaneous fat from cachectic to obese, Beta(1.6, 2)-distributed, anterior 4-76 mm,
+  lateral 4-56 mm, posterior 3-33 mm (pressed flat where the back rests on the couch), body
+  width about 250-400 mm. Pose: in-plane rotation uniform in +-9 degrees plus ~3 degrees of tilt,
+  table offset of the body centre from the isocentre uniform in +-20 mm in x and y.
+* **Acquisition geometry.** Display field of view (reconstruction diameter) uniform in 300-460 mm,
+  widened when it would cut the skin (rarely, and then by a few mm), so the body fills ~55-93 % of
+  the image width and, for a 128-pixel matrix, in-plane spacing is ~2.5-3.6 mm. z coverage: nominal
+  240 mm times a factor in [0.85, 1.15] (the slice spacing jitter of version 1), with the top of
+  the scan 10-70 mm above the right diaphragmatic dome (40 +- 30 mm), so organs appear at
+  different slice indices. A given ``spacing`` is used exactly; then only the field of view
+  follows from it and the z range still starts 10-70 mm above the dome.
+* **Contrast phase** (CT), a categorical draw: non-contrast 0.25, late arterial (~35-40 s) 0.25,
+  portal venous (~70 s) 0.35, delayed / nephrographic (~3 min) 0.15. Mean HU per phase
+  (non-contrast / late arterial / portal venous / delayed):
+
+  ==================  =====  =====  =====  =====
+  tissue              NC     LA     PV     DL
+  ==================  =====  =====  =====  =====
+  liver               58     80     105    88
+  spleen              48     95     115    85
+  pancreas            42     110    95     80
+  kidney cortex       32     190    165    135
+  kidney medulla      32     85     150    135
+  renal pelvis        8      8      10     350
+  aorta, arteries     42     300    160    110
+  IVC                 42     90     150    110
+  portal/renal veins  42     140    165    110
+  liver vessels       40     100    160    105
+  heart blood         42     250    150    110
+  myocardium          45     110    100    90
+  lung vessels        40     200    150    110
+  bowel/stomach wall  40     85     95     80
+  muscle              50     55     60     58
+  ==================  =====  =====  =====  =====
+
+  The enhancement above non-contrast is scaled by a per-patient gain in [0.85, 1.15] (dose per
+  kg, cardiac output), then each tissue gets its own jitter of +-5-10 HU (+-15-40 HU for the
+  arterial aorta, heart and kidney cortex, whose peak depends on bolus timing; +-250 HU for the
+  excreted contrast in the renal pelvis). The spleen is drawn relative to the liver (offset
+  -10 / +15 / +10 / -3 HU, +-5 HU), so liver and spleen stay within ~20 HU of each other in every
+  phase and shape and position must tell them apart; in the late arterial phase the spleen is
+  heterogeneous (arciform pattern, +-15-30 HU). Liver lesions keep 15-40 HU from the liver of
+  their case, darker (70 %) or brighter. Unenhanced tissues: vertebral cortex 850, cancellous bone
+  420, posterior elements 620, ribs 550, subcutaneous fat -100, visceral fat -95, lung -850,
+  gallbladder 10, air -1000, couch shells 150.
+* **Oral contrast** (CT): in 40 % of cases positive oral contrast (150-350 HU) fills the stomach,
+  a random share of small-bowel loops and, in half of those cases, the colon; otherwise the bowel
+  holds water / chyme (10-20 HU) and gas.
+* **Scanner.** Reconstruction kernel from smooth to sharp (sharpness s uniform in [0, 1]):
+  in-plane PSF sigma 1.1-0.4 mm, edge enhancement (unsharp overshoot) 0-0.6, noise correlation
+  length 2.0-0.9 mm (smooth kernels give blotchy, sharp kernels fine-grained noise). Noise sigma
+  uniform in 8-25 HU, plus the slice profile (partial volume along z).
+
+MRI (``modality="mri"``) shows the same patient, pose and field of view as a pre-contrast
+T1-weighted series: the contrast phase and oral contrast are CT-only, and ``acquisition["phase"]``
+is None.
 """
 
 from __future__ import annotations
@@ -66,10 +120,12 @@ LABELS: dict[int, str] = {
 SOURCE_CLASSES: dict[str, list[int]] = {"A": [1, 7], "B": [3, 4], "C": [2, 5]}
 
 DEFAULT_SHAPE: tuple[int, int, int] = (48, 128, 128)
-DEFAULT_FOV_MM: tuple[float, float, float] = (240.0, 360.0, 360.0)  # (z, y, x)
+# Nominal field of view (z, y, x) in mm: the z coverage is jittered per case; in plane each case
+# draws its own display field of view (DFOV_RANGE_MM), 360 mm being its typical value.
+DEFAULT_FOV_MM: tuple[float, float, float] = (240.0, 360.0, 360.0)
 SPLITS: tuple[str, ...] = ("pretrain", "train", "val", "test")
 GENERATOR_TOOL = "medssl_kit.data.phantom"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CT_RANGE_HU = (-1024.0, 3071.0)
 
 
@@ -110,6 +166,8 @@ class Tissue(IntEnum):
     VERTEBRA_POSTERIOR = 31
     DISC = 32
     SPINAL_CANAL = 33
+    RENAL_PELVIS = 34
+    TABLE = 35
 
 
 TISSUES: dict[int, str] = {int(t): t.name.lower() for t in Tissue}
@@ -164,7 +222,46 @@ _CT_TABLE: dict[Tissue, tuple[float, float, float]] = {
     _T.VERTEBRA_POSTERIOR: (620, 50, 60),
     _T.DISC: (90, 10, 8),
     _T.SPINAL_CANAL: (20, 5, 4),
+    _T.RENAL_PELVIS: (8, 4, 3),
+    _T.TABLE: (150, 40, 10),
 }
+
+# Contrast phases of the CT cases and how often each is drawn.
+CONTRAST_PHASES: tuple[str, ...] = ("non_contrast", "late_arterial", "portal_venous", "delayed")
+PHASE_PROBABILITIES: tuple[float, ...] = (0.25, 0.25, 0.35, 0.15)
+
+ORAL_CONTRAST_PROBABILITY = 0.4
+
+# Enhancing tissues: HU in each phase (non-contrast, late arterial, portal venous, delayed) and the
+# per-case jitter half-range (one value, or one per phase). The enhancement above non-contrast is
+# scaled by a per-patient gain; the spleen follows the liver (_SPLEEN_MINUS_LIVER).
+_PHASE_HU: dict[tuple[Tissue, ...], tuple[tuple[float, ...], float | tuple[float, ...]]] = {
+    (_T.LIVER,): ((58, 80, 105, 88), 8),
+    (_T.PANCREAS,): ((42, 110, 95, 80), 8),
+    (_T.LIVER_VESSEL,): ((40, 100, 160, 105), 8),
+    (_T.KIDNEY_LEFT_CORTEX, _T.KIDNEY_RIGHT_CORTEX): ((32, 190, 165, 135), (5, 15, 10, 10)),
+    (_T.KIDNEY_LEFT_MEDULLA, _T.KIDNEY_RIGHT_MEDULLA): ((32, 85, 150, 135), (5, 10, 10, 10)),
+    (_T.AORTA, _T.ARTERY): ((42, 300, 160, 110), (5, 40, 15, 10)),
+    (_T.IVC,): ((42, 90, 150, 110), (5, 20, 10, 8)),
+    (_T.VEIN,): ((42, 140, 165, 110), (5, 20, 10, 8)),
+    (_T.HEART_BLOOD,): ((42, 250, 150, 110), (5, 40, 15, 10)),
+    (_T.HEART_WALL,): ((45, 110, 100, 90), 8),
+    (_T.LUNG_VESSEL,): ((40, 200, 150, 110), (5, 40, 15, 10)),
+    (_T.BOWEL_WALL, _T.STOMACH_WALL): ((40, 85, 95, 80), 8),
+    (_T.MUSCLE,): ((50, 55, 60, 58), 5),
+    (_T.RENAL_PELVIS,): ((8, 8, 10, 350), (4, 4, 4, 250)),
+}
+_SPLEEN_MINUS_LIVER: tuple[float, ...] = (-10, 15, 10, -3)
+_SPLEEN_JITTER = 5.0
+_ENHANCEMENT_GAIN = (0.85, 1.15)
+
+# Acquisition geometry: display field of view (reconstruction diameter, mm) drawn per case and
+# widened where it would cut the skin; top of the scan above the right diaphragmatic dome (mm);
+# in-plane patient rotation (degrees) and table offset (mm).
+DFOV_RANGE_MM: tuple[float, float] = (300.0, 460.0)
+SCAN_TOP_ABOVE_DOME_MM: tuple[float, float] = (10.0, 70.0)
+ROTATION_RANGE_DEG = 9.0
+TABLE_OFFSET_MM = 20.0
 
 # MRI (T1-weighted-like, relative to fat = 1): (mean, per-case relative jitter, relative texture).
 _MR_TABLE: dict[Tissue, tuple[float, float, float]] = {
@@ -202,6 +299,8 @@ _MR_TABLE: dict[Tissue, tuple[float, float, float]] = {
     _T.VERTEBRA_POSTERIOR: (0.50, 0.1, 0.1),
     _T.DISC: (0.30, 0.15, 0.05),
     _T.SPINAL_CANAL: (0.12, 0.2, 0.05),
+    _T.RENAL_PELVIS: (0.10, 0.2, 0.05),
+    _T.TABLE: (0.0, 0, 0),
 }
 
 
@@ -213,6 +312,9 @@ class PhantomCase:
     ``label``: uint8 ``(D, H, W)`` with the values of :data:`LABELS`; in a source case, classes the
     source does not annotate are 0. ``spacing``: ``(z, y, x)`` in mm. ``tissue``: uint8
     ``(D, H, W)`` map of :class:`Tissue` classes (the unlabelled context included), for analysis.
+    ``acquisition``: what was drawn for this case's scan, for analysis: ``phase`` (one of
+    :data:`CONTRAST_PHASES`; None for MRI), ``dfov_mm``, ``scan_top_above_dome_mm``,
+    ``rotation_deg``, ``table_offset_mm`` (x, y) and, for CT, the kernel and noise parameters.
     """
 
     image: np.ndarray
@@ -221,6 +323,7 @@ class PhantomCase:
     case_id: str
     source: str | None = None
     tissue: np.ndarray | None = None
+    acquisition: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,13 +429,13 @@ class _Anatomy:
         self.power, self.taper = u(2.1, 2.7), u(-0.03, 0.06)
         self.m_lat, self.m_ant, self.m_post = u(9, 15), u(6, 10), u(8, 12)
         self.m_rectus = u(3, 8)  # extra thickness of the rectus muscles beside the midline
-        obesity = u(0, 1)
-        self.f_lat = min(8 + 30 * obesity, 170 - 1.06 * self.cx - self.m_lat)
-        self.f_ant = min(10 + 40 * obesity, 160 - self.cya - self.m_ant)
-        self.f_post = min(6 + 18 * obesity, 150 - self.cyp - self.m_post)
-        # Pose of the patient in the scanner: small rotations (~3 deg tilt, ~6 deg roll) + shift.
-        self.rot = _rotation(u(-0.05, 0.05), u(-0.05, 0.05), u(-0.1, 0.1))
-        self.shift = np.array([u(-8, 8), u(-6, 6), u(-12, 12)])
+        # Habitus: subcutaneous fat from cachectic (anterior ~4 mm) to obese (~75 mm); the
+        # skewed draw makes lean-to-overweight patients the most common.
+        self.obesity = float(rng.beta(1.6, 2.0))
+        ob = self.obesity
+        self.f_lat = min(4 + 52 * ob, 205 - 1.06 * self.cx - self.m_lat)
+        self.f_ant = min(4 + 72 * ob, 185 - self.cya - self.m_ant)
+        self.f_post = min(3 + 30 * ob, 160 - self.cyp - self.m_post)
         self.disp_sigma = u(2.5, 5.0)
         # Diaphragm domes (Z of the top of the right and left domes).
         self.hr = u(72, 92)
@@ -414,12 +517,12 @@ class _Anatomy:
         zb = min(self.hr - 118, self.hl - 80)
         cr = u(15, 22)
         pts = [
-            (0.68 * self.cx, -0.1 * self.cyp, -150),
+            (0.68 * self.cx, -0.1 * self.cyp, -260),
             (0.7 * self.cx, -0.05 * self.cyp, zb),
             (0.4 * self.cx, 0.6 * self.cya, zb + 5),
             (-0.3 * self.cx, 0.6 * self.cya, zb + 10),
             (-0.7 * self.cx, -0.1 * self.cyp, self.hl - 75),
-            (-0.72 * self.cx, -0.15 * self.cyp, -150),
+            (-0.72 * self.cx, -0.15 * self.cyp, -260),
         ]
         self.colon = [(pts[i], pts[i + 1], cr) for i in range(len(pts) - 1)]
         self.bowel_top = zb + 12
@@ -460,6 +563,20 @@ class _Anatomy:
         self.fine_a = _Lattice(rng, 10.0, 8.0)
         self.fine_b = _Lattice(rng, 10.0, 8.0)
         self.lesions = self._place_lesions(rng)
+
+    def skin(self, z_levels: np.ndarray, n_angles: int = 180) -> np.ndarray:
+        """Patient-frame points ``(N, 3)`` (mm) on the skin at the heights ``z_levels``."""
+        theta = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)[None, :]
+        c, s = np.cos(theta), np.sin(theta)
+        z = np.asarray(z_levels, dtype=float)[:, None] + 0 * theta
+        scale = 1 + self.taper * z / 120
+        ay = np.where(s > 0, self.cya, self.cyp) * scale
+        p = self.power
+        wall = (np.abs(c) / (self.cx * scale)) ** p + (np.abs(s) / ay) ** p
+        radius = wall ** (-1 / p)
+        muscle, fat = self.wall_thickness((radius * c, radius * s, z))
+        radius = radius + muscle + fat
+        return np.stack([(radius * c).ravel(), (radius * s).ravel(), z.ravel()], axis=1)
 
     # ---- shapes: each takes P = (X, Y, Z) arrays of any shape in the patient frame ------------
 
@@ -588,10 +705,24 @@ class _Anatomy:
 
 
 class _Renderer:
-    """Paints the tissue map of an anatomy on a scanner grid (scanner mm coordinates per axis)."""
+    """Paints the tissue map of an anatomy on a scanner grid (scanner mm coordinates per axis).
 
-    def __init__(self, anat: _Anatomy, shape: tuple[int, int, int], spacing: tuple[float, ...]):
+    ``rot`` and ``shift`` place the patient in the scanner: the patient-frame position of a voxel
+    at scanner coordinates ``s`` (mm, origin at the centre of the reconstructed volume) is
+    ``rot @ s + shift`` (plus the anatomy's elastic displacement).
+    """
+
+    def __init__(
+        self,
+        anat: _Anatomy,
+        shape: tuple[int, int, int],
+        spacing: tuple[float, ...],
+        rot: np.ndarray,
+        shift: np.ndarray,
+        table_y: float | None = None,
+    ):
         self.anat, self.shape, self.spacing = anat, shape, spacing
+        self.rot, self.shift, self.table_y = rot, shift, table_y
         # Scanner coordinates of voxel centres, mm, (z, y, x); origin at the centre of the FOV.
         self.axes = [
             ((np.arange(n) + 0.5 - n / 2) * s).astype(np.float32)
@@ -600,11 +731,11 @@ class _Renderer:
         z, y, x = self.axes
         d = [f.on_grid(z, y, x) * np.float32(anat.disp_sigma) for f in anat.disp]
         self.dmax = float(max(np.abs(v).max() for v in d)) + 2.0
-        r = [[float(v) for v in row] for row in anat.rot]
+        r = [[float(v) for v in row] for row in rot]
         zz, yy, xx = z[:, None, None], y[None, :, None], x[None, None, :]
         # Patient-frame coordinates of every voxel: rotation + shift + elastic displacement.
         self.P = tuple(
-            r[i][0] * xx + r[i][1] * yy + r[i][2] * zz + np.float32(anat.shift[i]) + d[i]
+            r[i][0] * xx + r[i][1] * yy + r[i][2] * zz + np.float32(shift[i]) + d[i]
             for i in range(3)
         )
         self.fa = anat.fine_a.on_grid(z, y, x)
@@ -616,7 +747,7 @@ class _Renderer:
         corners = np.array(
             [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
         )
-        scan = (corners - self.anat.shift) @ self.anat.rot  # inverse rotation, row vectors
+        scan = (corners - self.shift) @ self.rot  # inverse rotation, row vectors
         slices = []
         for axis, k in zip(range(3), (2, 1, 0), strict=True):  # array axis 0 is z (patient index 2)
             n, s = self.shape[axis], self.spacing[axis]
@@ -649,7 +780,25 @@ class _Renderer:
         self._bowel(cavity)
         self._organs(cavity)
         self._spine(depth, muscle)
+        self._table()
         return t, self._lesions()
+
+    def _table(self) -> None:
+        """The scanner couch (fixed to the scanner, not the patient): two curved carbon-fibre
+        shells 45 mm apart around a foam core (air), top surface at ``table_y`` (scanner mm)."""
+        if self.table_y is None:
+            return
+        _, y, x = self.axes
+        xx, yy = x[None, :], y[:, None]
+        curve = xx**2 / 2000.0
+        top = yy - (self.table_y + curve)
+        bottom = yy - (self.table_y - 45 + 0.5 * curve)
+        shell = ((top > -4) & (top <= 0)) | ((bottom > -4) & (bottom <= 0))
+        side = (np.abs(np.abs(xx) - 215) < 2) & (top <= 0) & (bottom > 0)
+        couch = (shell & (np.abs(xx) < 215)) | side
+        t = self.tissue
+        t[(t == _T.SUBCUTANEOUS_FAT) & (top <= 0)[None]] = _T.AIR  # fat pressed on the couch
+        t[(t == _T.AIR) & couch[None]] = _T.TABLE
 
     def _ribs(self, depth, muscle) -> None:
         a = self.anat
@@ -800,6 +949,11 @@ class _Renderer:
         pyramids = np.cos(7 * np.arctan2(u[2] / c, u[1] / b)) > -0.3
         self.paint(sl, parenchyma & (f < 0.6) & pyramids, medulla)
         self.paint(sl, sinus & (f < 1) & cavity[sl], _T.VISCERAL_FAT)
+        # Renal pelvis (urine; bright when contrast is excreted) in the sinus, open to the hilum.
+        pelvis = ((u[0] - 0.62 * a) / (0.4 * a)) ** 2 + (u[1] / (0.28 * b)) ** 2 + (
+            u[2] / (0.3 * c)
+        ) ** 2 < 1
+        self.paint(sl, pelvis & (f < 1.15) & cavity[sl], _T.RENAL_PELVIS)
 
     def _spine(self, depth, muscle) -> None:
         a = self.anat
@@ -848,26 +1002,27 @@ class _Renderer:
 # --------------------------------------------------------------------------------------------
 
 
-def _ct_lookup(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Per-case HU of every tissue and its texture amplitude (contrast phase included)."""
+def _ct_lookup(rng: np.random.Generator, phase: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-case HU of every tissue and its texture amplitude in contrast phase ``phase``.
+
+    Unenhanced tissues take :data:`_CT_TABLE` +- its jitter. Enhancing tissues take the
+    non-contrast value plus the phase's enhancement times a per-patient gain (contrast dose per kg,
+    cardiac output), plus their own jitter; the spleen follows the liver at the phase's offset.
+    """
     mean = np.zeros(len(Tissue), np.float32)
     tex = np.zeros(len(Tissue), np.float32)
     for tissue, (m, jitter, amp) in _CT_TABLE.items():
         mean[tissue] = m + rng.uniform(-jitter, jitter)
         tex[tissue] = amp
-    phase = rng.uniform(-1, 1)  # late arterial (-1) ... portal venous (+1)
-    liver = 60 + 11 * phase + rng.uniform(-4, 4)
-    mean[_T.LIVER] = mean[_T.LIVER_LESION] = liver
-    mean[_T.SPLEEN] = 50 + 11 * phase + rng.uniform(-4, 4)
-    mean[_T.PANCREAS] = 45 + 8 * phase + rng.uniform(-6, 6)
-    mean[_T.LIVER_VESSEL] = liver + 45 + 30 * phase + rng.uniform(-5, 5)
-    mean[[_T.IVC, _T.VEIN]] = 120 + 15 * phase + rng.uniform(-5, 5)
-    aorta = 180 - 12 * phase + rng.uniform(-3, 3)
-    mean[[_T.AORTA, _T.ARTERY]] = aorta
-    cortex = 150 + rng.uniform(-15, 15)
-    medulla = cortex - (60 - 45 * (phase + 1) / 2) * rng.uniform(0.8, 1.0)
-    mean[[_T.KIDNEY_LEFT_CORTEX, _T.KIDNEY_RIGHT_CORTEX]] = cortex
-    mean[[_T.KIDNEY_LEFT_MEDULLA, _T.KIDNEY_RIGHT_MEDULLA]] = medulla
+    gain = rng.uniform(*_ENHANCEMENT_GAIN)
+    for tissues, (values, jitters) in _PHASE_HU.items():
+        jitter = jitters if np.isscalar(jitters) else jitters[phase]
+        value = values[0] + gain * (values[phase] - values[0]) + rng.uniform(-jitter, jitter)
+        mean[list(tissues)] = value
+    liver = mean[_T.LIVER]
+    mean[_T.LIVER_LESION] = liver
+    offset, jitter = _SPLEEN_MINUS_LIVER[phase], _SPLEEN_JITTER
+    mean[_T.SPLEEN] = liver + gain * offset + rng.uniform(-jitter, jitter)
     return mean, tex
 
 
@@ -887,38 +1042,70 @@ def _mr_lookup(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return mean, tex
 
 
-def _blur(image: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
-    """Partial-volume blur: slice profile along z plus an in-plane PSF of 0.4-1.0 mm sigma."""
-    psf = rng.uniform(0.4, 1.0)
+def _blur(image: np.ndarray, spacing, psf_mm: float, edge: float = 0.0) -> np.ndarray:
+    """Partial-volume blur: slice profile along z plus an in-plane PSF of ``psf_mm`` sigma; with
+    ``edge`` > 0 the in-plane edge enhancement (overshoot) of a sharp reconstruction kernel."""
     sigma_mm = (
         0.45 * spacing[0],
-        np.hypot(0.35 * spacing[1], psf),
-        np.hypot(0.35 * spacing[2], psf),
+        np.hypot(0.35 * spacing[1], psf_mm),
+        np.hypot(0.35 * spacing[2], psf_mm),
     )
-    return ndimage.gaussian_filter(
+    out = ndimage.gaussian_filter(
         image, [s / sp for s, sp in zip(sigma_mm, spacing, strict=True)], mode="nearest"
     )
+    if edge > 0:
+        halo = [0.0, max(1.5 / spacing[1], 0.7), max(1.5 / spacing[2], 0.7)]
+        out += np.float32(edge) * (out - ndimage.gaussian_filter(out, halo, mode="nearest"))
+    return out
 
 
-def _correlated_noise(shape, spacing, rng: np.random.Generator) -> np.ndarray:
-    """Unit-variance Gaussian noise correlated over ~1.5 mm in-plane and ~1 mm along z."""
+def _correlated_noise(shape, spacing, rng: np.random.Generator, corr_mm: float = 1.5) -> np.ndarray:
+    """Unit-variance Gaussian noise correlated over ``corr_mm`` in-plane and ~1 mm along z."""
     white = rng.standard_normal(shape, dtype=np.float32)
-    sigma = [1.0 / spacing[0], 1.5 / spacing[1], 1.5 / spacing[2]]
+    sigma = [1.0 / spacing[0], corr_mm / spacing[1], corr_mm / spacing[2]]
     noise = ndimage.gaussian_filter(white, sigma, mode="wrap")
     return noise / np.float32(noise.std())
 
 
-def _appearance_ct(r: _Renderer, lesions, rng: np.random.Generator) -> np.ndarray:
-    """CT image in HU: tissue values + texture, lesion contrast, blur, correlated noise."""
-    mean, tex = _ct_lookup(rng)
+def _appearance_ct(r: _Renderer, lesions, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """CT image in HU (contrast phase, tissue values + texture, lesion contrast, kernel blur and
+    edge enhancement, correlated noise) and the acquisition parameters drawn for it."""
+    phase = int(rng.choice(len(CONTRAST_PHASES), p=PHASE_PROBABILITIES))
+    mean, tex = _ct_lookup(rng, phase)
     tissue = r.tissue
     image = mean[tissue] + tex[tissue] * r.fb
+    if CONTRAST_PHASES[phase] == "late_arterial":
+        # Arciform (moire) enhancement of the spleen: red and white pulp enhance unevenly.
+        spleen = tissue == _T.SPLEEN
+        image[spleen] += np.float32(rng.uniform(15, 30)) * np.sin(3.0 * r.fa[spleen])
+    oral = rng.uniform() < ORAL_CONTRAST_PROBABILITY
+    if oral:
+        # Positive oral contrast: opacified small-bowel loops (patchy: not every loop is reached),
+        # stomach, and the colon in about half of the cases.
+        hu = rng.uniform(150, 350)
+        reach = rng.uniform(-0.8, 0.4)
+        lumen = (tissue == _T.BOWEL_CONTENT) & (r.fb > reach)
+        lumen |= tissue == _T.STOMACH_CONTENT
+        if rng.uniform() < 0.5:
+            lumen |= tissue == _T.COLON_CONTENT
+        image[lumen] = np.float32(hu) + np.float32(20) * r.fb[lumen]
     for sl, mask, delta in lesions:
         image[sl][mask] += np.float32(delta)
-    image = _blur(image, r.spacing, rng)
+    sharpness = rng.uniform(0, 1)  # reconstruction kernel: 0 smooth ... 1 sharp
+    psf = 1.1 - 0.7 * sharpness
+    image = _blur(image, r.spacing, psf, edge=0.6 * sharpness**2)
     sigma = rng.uniform(8, 25)
-    image += np.float32(sigma) * _correlated_noise(tissue.shape, r.spacing, rng)
-    return np.clip(np.rint(image), *CT_RANGE_HU).astype(np.float32)
+    corr = 2.0 - 1.1 * sharpness
+    image += np.float32(sigma) * _correlated_noise(tissue.shape, r.spacing, rng, corr)
+    info = {
+        "phase": CONTRAST_PHASES[phase],
+        "oral_contrast": bool(oral),
+        "kernel_sharpness": float(sharpness),
+        "psf_mm": float(psf),
+        "noise_hu": float(sigma),
+        "noise_corr_mm": float(corr),
+    }
+    return np.clip(np.rint(image), *CT_RANGE_HU).astype(np.float32), info
 
 
 def _appearance_mri(r: _Renderer, lesions, rng: np.random.Generator) -> np.ndarray:
@@ -931,7 +1118,7 @@ def _appearance_mri(r: _Renderer, lesions, rng: np.random.Generator) -> np.ndarr
         # CT contrast of 15-40 HU maps to a relative MRI contrast of 20-50 %.
         rel = np.sign(delta) * (0.2 + 0.3 * (abs(delta) - 15) / 25)
         image[sl][mask] += np.float32(rel * liver)
-    image = _blur(np.maximum(image, 0), r.spacing, rng)
+    image = _blur(np.maximum(image, 0), r.spacing, rng.uniform(0.4, 1.0))
     # Smooth multiplicative bias field: a random low-frequency field and a linear ramp.
     z, y, x = r.axes
     bias = _Lattice(rng, 80.0, 90.0).on_grid(z, y, x) * np.float32(rng.uniform(0.1, 0.2))
@@ -962,6 +1149,44 @@ def _check_shape_spacing(shape, spacing) -> tuple[tuple[int, int, int], tuple[fl
     return shape, spacing
 
 
+def _acquisition(
+    anat: _Anatomy, shape, spacing, rng: np.random.Generator
+) -> tuple[tuple[float, float, float], np.ndarray, np.ndarray, dict]:
+    """Scan geometry of one case: voxel spacing, patient rotation and shift (see _Renderer).
+
+    Every draw is made whatever ``spacing`` is, so a given spacing changes nothing else.
+    """
+    z_factor = rng.uniform(0.85, 1.15)
+    dfov = rng.uniform(*DFOV_RANGE_MM)
+    top_above_dome = rng.uniform(*SCAN_TOP_ABOVE_DOME_MM)
+    angle = rng.uniform(-ROTATION_RANGE_DEG, ROTATION_RANGE_DEG)
+    tilt = rng.uniform(-0.05, 0.05, size=2)  # about 3 degrees about the x and y axes
+    offset = rng.uniform(-TABLE_OFFSET_MM, TABLE_OFFSET_MM, size=2)
+    rot = _rotation(tilt[0], tilt[1], np.deg2rad(angle))
+    extent = DEFAULT_FOV_MM[0] * z_factor if spacing is None else shape[0] * spacing[0]
+    top = anat.hr + top_above_dome  # patient-frame height of the top of the scan
+    shift = -rot @ np.array([offset[0], offset[1], 0.0])
+    shift[2] = top - rot[2, 2] * extent / 2
+    # The technologist never cuts the skin: widen the field of view where it would.
+    skin = (anat.skin(np.linspace(top - extent, top, 9)) - shift) @ rot  # scanner mm
+    needed = 2 * (np.abs(skin[:, :2]).max() + 3 * anat.disp_sigma + 5)
+    # The couch under the patient (posterior is -y): the back rests on it, its fat flattened.
+    table_y = float(np.median(skin[:, 1].reshape(9, -1).min(axis=1)) + rng.uniform(0, 6))
+    dfov = max(dfov, float(needed))
+    if spacing is None:
+        spacing = (extent / shape[0], dfov / shape[1], dfov / shape[2])
+    else:
+        dfov = float(min(shape[1] * spacing[1], shape[2] * spacing[2]))
+    info = {
+        "dfov_mm": float(dfov),
+        "scan_top_above_dome_mm": float(top_above_dome),
+        "rotation_deg": float(angle),
+        "table_offset_mm": (float(offset[0]), float(offset[1])),
+        "table_y_mm": table_y,
+    }
+    return tuple(float(v) for v in spacing), rot, shift, info  # type: ignore[return-value]
+
+
 def generate_case(
     index: int,
     seed: int = 0,
@@ -973,10 +1198,12 @@ def generate_case(
     """Generate case number ``index`` of the phantom.
 
     ``shape`` is ``(D, H, W)`` in voxels. ``spacing`` is ``(z, y, x)`` in mm; when None it is the
-    default field of view (240 x 360 x 360 mm) divided by ``shape``, with the z spacing multiplied
-    by a per-case factor in [0.85, 1.15]; when given it is used exactly. ``modality`` is ``"ct"``
-    (image in HU) or ``"mri"`` (non-negative arbitrary units). ``source`` (a key of
-    :data:`SOURCE_CLASSES`) keeps only the classes that source annotates; other classes become 0.
+    case's field of view divided by ``shape``: 240 mm times a per-case factor in [0.85, 1.15]
+    along z, the case's display field of view (300-460 mm, see the module docstring) in plane.
+    When given it is used exactly (the patient, pose and scan start are the same either way).
+    ``modality`` is ``"ct"`` (image in HU) or ``"mri"`` (non-negative arbitrary units).
+    ``source`` (a key of :data:`SOURCE_CLASSES`) keeps only the classes that source annotates;
+    other classes become 0. ``PhantomCase.acquisition`` records the drawn scan parameters.
     The same arguments always give byte-identical arrays (on one platform and library versions).
     """
     shape, spacing = _check_shape_spacing(shape, spacing)
@@ -988,18 +1215,17 @@ def generate_case(
         raise ValueError(f"index and seed must be non-negative, got index={index}, seed={seed}")
     anat_seq, geom_seq, look_seq = np.random.SeedSequence([seed, index]).spawn(3)
     anat = _Anatomy(np.random.default_rng(anat_seq))
-    if spacing is None:
-        jitter = np.random.default_rng(geom_seq).uniform(0.85, 1.15)
-        fov = DEFAULT_FOV_MM
-        spacing = (fov[0] / shape[0] * jitter, fov[1] / shape[1], fov[2] / shape[2])
-    spacing = tuple(float(s) for s in spacing)
-    renderer = _Renderer(anat, shape, spacing)
+    spacing, rot, shift, acquisition = _acquisition(
+        anat, shape, spacing, np.random.default_rng(geom_seq)
+    )
+    renderer = _Renderer(anat, shape, spacing, rot, shift, acquisition["table_y_mm"])
     tissue, lesions = renderer.render()
     ct_seq, mri_seq = look_seq.spawn(2)
     if modality == "ct":
-        image = _appearance_ct(renderer, lesions, np.random.default_rng(ct_seq))
+        image, look = _appearance_ct(renderer, lesions, np.random.default_rng(ct_seq))
     else:
         image = _appearance_mri(renderer, lesions, np.random.default_rng(mri_seq))
+        look = {"phase": None}
     label = _TISSUE_LABEL[tissue]
     if source is not None:
         keep = np.zeros(len(LABELS), dtype=bool)
@@ -1012,6 +1238,7 @@ def generate_case(
         case_id=case_id(index),
         source=source,
         tissue=tissue,
+        acquisition={**look, **acquisition},
     )
 
 
