@@ -101,6 +101,7 @@ class FinetuneConfig:
     crop_size: tuple[int, int] | None = None  # 2D training crops (inference: whole slices)
     patch_size: tuple[int, int, int] | None = None  # 3D training patch and inference ROI
     augment: bool = True
+    batch_dice: bool = True  # Dice sums pooled over the batch (nnU-Net); False: per sample
     target_class: str | None = None  # classify: the class whose presence is predicted
     transfer: str = "all"  # "all" transferable weights, or "encoder" only (decoder re-initialised)
 
@@ -381,7 +382,7 @@ class _Task:
 class _SegmentTask(_Task):
     def __init__(self, cfg: FinetuneConfig, manifest: Manifest):
         super().__init__(cfg, manifest)
-        self.criterion = PartialDiceCELoss(ignore_index=manifest.ignore_index)
+        self.criterion = PartialDiceCELoss(ignore_index=manifest.ignore_index, batch=cfg.batch_dice)
         self.organs, self.lesions = split_classes(self.classes)
 
     def labelled_mask(self, vol: CaseVolume) -> Tensor:
