@@ -31,5 +31,5 @@ test: $(VENV)/.installed-test
 	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check medssl_kit tests benchmarks scripts
-	$(BIN)/ruff format --check medssl_kit tests benchmarks scripts
+	$(BIN)/ruff check medssl_kit tests benchmarks scripts notebooks
+	$(BIN)/ruff format --check medssl_kit tests benchmarks scripts notebooks
