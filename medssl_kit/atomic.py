@@ -3,7 +3,9 @@
 Everything medssl_kit writes (checkpoints, manifests, phantom volumes, results, caches) goes
 through :func:`atomic_path`: the content is written to a temporary file beside the target (same
 folder, same extensions, so format-sniffing writers such as nibabel still work), flushed to disk,
-renamed over the target with ``os.replace`` and the folder entry synced.
+renamed over the target with ``os.replace`` and the folder entry synced. The new file gets the
+permissions a plain ``open()`` would give it (``0o666`` less the umask; a replaced file keeps its
+own), not the owner-only mode of temporary files.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _mode_for(path: Path) -> int:
+    """The existing file's permission bits, else ``0o666`` less the process umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 @contextmanager
@@ -28,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
