@@ -1,6 +1,7 @@
 # The two commands the README leads with. Both work on a fresh machine with Python >= 3.10 and pip.
 PYTHON ?= python3
 PROFILE ?= cpu
+METHODS ?= pixel_global,pcrlv2,ssmtl,ssmtl_plus,simsiam,byol,mocov2,models_genesis
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -18,10 +19,11 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $@ $(VENV)/.installed-run
 
-## run: the main job on the embedded default (phantom -> validation summary)
+## run: the main job on the embedded default: the phantom, then the pipeline (data, pre-training
+## of every method, fine-tuning over the label budgets x seeds, comparison report) at $(PROFILE);
+## rerunning continues a stopped run (completed stages are skipped)
 run: $(VENV)/.installed-run
-	$(BIN)/medssl phantom --out data/phantom --profile $(PROFILE)
-	$(BIN)/medssl validate data/phantom/manifest.json
+	$(BIN)/medssl run --profile $(PROFILE) --out runs/main-$(PROFILE) --methods $(METHODS) --resume
 
 ## test: unit tests, then every notebook under nbval at the smoke profile (their smoke run
 ## folders are removed first so that notebooks are tested, not their earlier results)

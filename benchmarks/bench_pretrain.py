@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def _child(spec: str, manifest: str, profile: str, steps: int, warmup: int) -> d
 
     method, _, rest = spec.partition(":")
     dims, _, settings = rest.partition(":")
-    overrides = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    # Commas separate settings, except inside brackets: crop_size=[64,64],mc_samples=8
+    overrides = dict(kv.split("=", 1) for kv in re.split(r",(?![^\[]*\])", settings) if kv)
     parsed = {k: json.loads(v) if v not in ("", None) else v for k, v in overrides.items()}
     cfg = PretrainConfig(method=method, profile=profile, dims=int(dims or 2), steps=steps)
     loop = set(cfg.__dataclass_fields__)

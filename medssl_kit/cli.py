@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from medssl_kit import __version__
 from medssl_kit.config import PROFILES, get_profile
@@ -455,6 +456,92 @@ def _run_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------
+# run
+
+
+def _comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list, each element parsed by ``item``."""
+
+    def parse(text: str) -> list:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got '{text}'")
+        return [item(p) for p in parts]
+
+    return parse
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="the pipeline: data, pre-training, fine-tuning and comparison notebooks (papermill)",
+        description="Execute the ordered notebooks headlessly with papermill: 00_data_prep, the "
+        "pre-training notebook of each method, 20_finetune for scratch and every method over the "
+        "label budgets x seeds, and 40_compare (report.html, summary.csv). Each executed notebook "
+        "is saved in OUT/notebooks/ and OUT/pipeline.json records stages, parameters, times, "
+        "status, versions and the git revision.",
+    )
+    p.add_argument("--out", required=True, metavar="OUT", help="the run folder, e.g. runs/main")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
+    p.add_argument(
+        "--methods",
+        type=_comma_list(str),
+        default=[],
+        metavar="M1,M2",
+        help="pre-training methods compared with scratch (default: none, scratch only)",
+    )
+    p.add_argument("--manifest", metavar="M", help="default: the profile's phantom")
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="where the phantom goes (default: data/phantom-PROFILE)"
+    )
+    p.add_argument(
+        "--labeled",
+        type=_comma_list(_labeled_arg),
+        metavar="1,2,4,all",
+        help="label budgets (default: the profile's)",
+    )
+    p.add_argument(
+        "--seeds", type=_comma_list(_non_negative_int), default=[0, 1, 2], metavar="0,1,2"
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, metavar="N", help="pre-training steps (default: profile)"
+    )
+    p.add_argument("--resume", action="store_true", help="skip the completed stages of OUT")
+    p.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output")
+    p.set_defaults(handler=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from medssl_kit.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig(
+        profile=get_profile(args.profile).name,
+        methods=args.methods,
+        manifest=args.manifest,
+        data_dir=args.data_dir,
+        labeled=args.labeled,
+        seeds=args.seeds,
+        steps=args.steps,
+    )
+    start = time.perf_counter()
+    stages = run_pipeline(cfg, args.out, resume=args.resume, log_output=not args.quiet)
+    for stage in stages:
+        print(f"{stage.name:<24} {stage.status:<10} {stage.seconds or 0:8.1f} s  {stage.output}")
+    out = Path(args.out)
+    summary = out / "summary.csv"
+    if summary.is_file():
+        import pandas as pd
+
+        from medssl_kit.evaluate.report import to_markdown
+
+        print(to_markdown(pd.read_csv(summary)))
+    elapsed = time.perf_counter() - start
+    print(f"pipeline finished in {elapsed:.0f} s; report: {out / 'report.html'}")
+    print(f"record: {out / 'pipeline.json'}")
+    return EXIT_OK
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,
     _add_validate,
@@ -463,6 +550,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_finetune,
     _add_export,
     _add_report,
+    _add_run,
 )
 
 

@@ -5,17 +5,23 @@ Dice and organ HD95 as mean ± sd over seeds of the per-seed case means
 (:func:`~medssl_kit.evaluate.results.aggregate`), and a paired two-sided Wilcoxon signed-rank test
 of each method's organ Dice against the baseline over (test case, seed) pairs
 (:func:`~medssl_kit.evaluate.results.paired_wilcoxon`), as the pixel-global paper reports
-p-values.
+p-values. Also: a ranking of methods at each budget, and wall times read from the runs'
+``summary.json`` files.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import pandas as pd
 
+from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.results import aggregate, paired_wilcoxon
+
+SUMMARY_FILENAME = "summary.json"
 
 LESION_WORDS = ("lesion", "tumor", "tumour")
 
@@ -93,3 +99,67 @@ def to_markdown(table: pd.DataFrame, baseline: str = "scratch") -> str:
         cells += ["–" if p != p else f"{p:.3g}", str(r.n_seeds)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ranking(table: pd.DataFrame, metric: str = "organ_dice") -> pd.DataFrame:
+    """Methods ranked at each budget by ``metric`` of a :func:`comparison_table` (1 = best).
+
+    Higher is better for Dice, lower for HD95 (by the metric's name). Ties share the best rank.
+    """
+    ascending = "hd95" in metric
+    out = table[["labeled", "method", metric]].copy()
+    out["rank"] = (
+        out.groupby("labeled")[metric].rank(ascending=ascending, method="min").astype("Int64")
+    )
+    return out.sort_values(["labeled", "rank", "method"]).reset_index(drop=True)
+
+
+def load_run_summaries(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Every run's ``summary.json`` under ``paths`` (folders, searched recursively), one row each.
+
+    Columns: ``run_dir``, ``kind`` (``finetune`` when the summary has a label budget, else
+    ``pretrain``), ``method``, ``labeled``, ``seed``, ``wall_time_s`` (NaN where absent) and
+    ``steps`` (fine-tuning: ``steps_run``).
+    """
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    rows = []
+    for item in items:
+        root = Path(item)
+        if not root.exists():
+            raise MedsslError(f"run folder '{root}' does not exist")
+        files = [root] if root.is_file() else sorted(root.rglob(SUMMARY_FILENAME))
+        for path in files:
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise MedsslError(f"run summary '{path}' cannot be read: {exc}") from exc
+            finetune = "labeled" in summary
+            rows.append(
+                {
+                    "run_dir": str(path.parent),
+                    "kind": "finetune" if finetune else "pretrain",
+                    "method": summary.get("method", ""),
+                    "labeled": float(summary["labeled"]) if finetune else math.nan,
+                    "seed": summary.get("seed", -1),
+                    "wall_time_s": float(summary.get("wall_time_s", math.nan)),
+                    "steps": summary.get("steps_run" if finetune else "steps", math.nan),
+                }
+            )
+    columns = ["run_dir", "kind", "method", "labeled", "seed", "wall_time_s", "steps"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def wall_time_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Per method: pre-training seconds, fine-tuning runs, their mean and total seconds, total."""
+    ft = summaries[summaries["kind"] == "finetune"].groupby("method")["wall_time_s"]
+    pre = summaries[summaries["kind"] == "pretrain"].groupby("method")["wall_time_s"].sum()
+    out = pd.DataFrame(
+        {
+            "finetune_runs": ft.size(),
+            "finetune_mean_s": ft.mean(),
+            "finetune_total_s": ft.sum(),
+        }
+    )
+    out.insert(0, "pretrain_s", pre.reindex(out.index))
+    out["total_s"] = out["pretrain_s"].fillna(0.0) + out["finetune_total_s"]
+    return out.reset_index().rename(columns={"index": "method"})
