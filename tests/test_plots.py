@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from medssl_kit.viz.html_report import write_html_report
+from medssl_kit.viz.interactive import label_efficiency_plotly
 from medssl_kit.viz.plots import plot_label_efficiency, plot_learning_curves, plot_loss_terms
 
 
@@ -27,7 +29,7 @@ def test_loss_terms_and_learning_curves(tmp_path):
     assert np.allclose(val_ax.lines[1].get_ydata(), [0.5, 0.7])
 
 
-def test_label_efficiency_plots_mean_over_seeds(tmp_path):
+def _efficiency_rows():
     rows = []
     for method, base in (("scratch", 0.5), ("ssl", 0.6)):
         for labeled in (1, 4):
@@ -37,9 +39,41 @@ def test_label_efficiency_plots_mean_over_seeds(tmp_path):
                     rows.append(dict(method=method, backbone="unet", dims=2, labeled=labeled,
                                      seed=seed, case=case, class_id=1, **{"class": "liver"},
                                      dice=dice, hd95=1.0, iou=dice))  # fmt: skip
-    fig = plot_label_efficiency(pd.DataFrame(rows))
+    return pd.DataFrame(rows)
+
+
+def test_label_efficiency_plots_mean_over_seeds():
+    fig = plot_label_efficiency(_efficiency_rows())
     ax = fig.axes[0]
     lines = {c.get_label(): c.lines[0] for c in ax.containers}
     assert set(lines) == {"scratch", "ssl"}
     assert np.allclose(lines["ssl"].get_xdata(), [1, 4])
     assert np.allclose(lines["ssl"].get_ydata(), [0.61, 0.71])
+
+
+def test_interactive_label_efficiency_matches_the_static_one():
+    fig = label_efficiency_plotly(_efficiency_rows())
+    traces = {t.name: t for t in fig.data}
+    assert set(traces) == {"scratch", "ssl"}
+    assert np.allclose(traces["ssl"].x, [1, 4]) and np.allclose(traces["ssl"].y, [0.61, 0.71])
+    assert np.allclose(traces["ssl"].error_y.array, [np.std([0.6, 0.62], ddof=1)] * 2)
+
+
+def test_html_report_is_self_contained(tmp_path):
+    df = _efficiency_rows()
+    path = write_html_report(
+        tmp_path / "r.html",
+        "A <title>",
+        [
+            ("Figures", [label_efficiency_plotly(df), label_efficiency_plotly(df)]),
+            ("Static", [plot_label_efficiency(df), "a note & more"]),
+            ("Table", [df.head(3)]),
+        ],
+    )
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "A &lt;title&gt;" in text
+    assert text.count("<h2>") == 3 and text.count("<table") == 1
+    assert "data:image/png;base64," in text and "a note &amp; more" in text
+    # plotly.js is embedded once (offline), not fetched from a CDN
+    assert text.count("plotly.js v") == 1 and '<script src="http' not in text
+    assert text.count("Plotly.newPlot") == 2

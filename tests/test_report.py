@@ -4,7 +4,15 @@ import pandas as pd
 import pytest
 
 from medssl_kit.cli import main
-from medssl_kit.evaluate.report import comparison_table, split_classes, to_markdown
+from medssl_kit.errors import MedsslError
+from medssl_kit.evaluate.report import (
+    comparison_table,
+    load_run_summaries,
+    ranking,
+    split_classes,
+    to_markdown,
+    wall_time_table,
+)
 from medssl_kit.evaluate.results import paired_wilcoxon, write_results
 
 
@@ -54,3 +62,46 @@ def test_cli_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| scratch | 1 |" in out and "lesion Dice" in out
     assert len(pd.read_csv(tmp_path / "table.csv")) == 2
+
+
+def test_ranking_per_budget_dice_high_hd95_low():
+    table = pd.DataFrame(
+        {
+            "labeled": [1, 1, 1, 4, 4],
+            "method": ["a", "b", "c", "a", "b"],
+            "organ_dice": [0.5, 0.7, 0.7, 0.9, 0.8],
+            "organ_hd95": [30.0, 10.0, 20.0, 5.0, 6.0],
+        }
+    )
+    ranks = ranking(table)
+    at1 = ranks[ranks["labeled"] == 1].set_index("method")["rank"].to_dict()
+    assert at1 == {"b": 1, "c": 1, "a": 3}  # ties share the best rank
+    at4 = ranks[ranks["labeled"] == 4]
+    assert list(at4["method"]) == ["a", "b"] and list(at4["rank"]) == [1, 2]
+    by_hd95 = ranking(table, "organ_hd95")
+    assert by_hd95[by_hd95["labeled"] == 1].iloc[0]["method"] == "b"
+
+
+def test_run_summaries_and_wall_times(tmp_path):
+    import json
+
+    def summary(folder, **values):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "summary.json").write_text(json.dumps(values))
+
+    summary("pre/ssl", method="ssl", steps=100, wall_time_s=300.0)
+    summary("ft/ssl/l1_s0", method="ssl", labeled=1, seed=0, steps_run=50, wall_time_s=10.0)
+    summary("ft/ssl/l1_s1", method="ssl", labeled=1, seed=1, steps_run=50, wall_time_s=14.0)
+    summary("ft/scratch/l1_s0", method="scratch", labeled=1, seed=0, wall_time_s=12.0)
+    runs = load_run_summaries(tmp_path)
+    assert sorted(runs["kind"]) == ["finetune"] * 3 + ["pretrain"]
+    times = wall_time_table(runs).set_index("method")
+    assert times.loc["ssl", "pretrain_s"] == 300.0 and times.loc["ssl", "finetune_runs"] == 2
+    assert times.loc["ssl", "finetune_mean_s"] == 12.0 and times.loc["ssl", "total_s"] == 324.0
+    assert math.isnan(times.loc["scratch", "pretrain_s"]) and times.loc["scratch", "total_s"] == 12
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "summary.json").write_text("{not json")
+    with pytest.raises(MedsslError, match="bad/summary.json"):
+        load_run_summaries(tmp_path)
+    with pytest.raises(MedsslError, match="does not exist"):
+        load_run_summaries(tmp_path / "missing")
