@@ -36,8 +36,9 @@ the distribution, while the unlabelled pool does; typical values from the radiol
   width about 250-400 mm. Pose: in-plane rotation uniform in +-9 degrees plus ~3 degrees of tilt,
   table offset of the body centre from the isocentre uniform in +-20 mm in x and y.
 * **Acquisition geometry.** Display field of view (reconstruction diameter) uniform in 300-460 mm,
-  widened when it would cut the skin (rarely, and then by a few mm), so the body fills ~55-93 % of
-  the image width and, for a 128-pixel matrix, in-plane spacing is ~2.5-3.6 mm. z coverage: nominal
+  widened when it would cut the skin (about half of the cases, by 5-115 mm: large or off-centre
+  patients), so the effective field of view is ~350-470 mm and, for a 128-pixel matrix, in-plane
+  spacing is ~2.75-3.65 mm (default phantom, seed 0: 354-466 mm). z coverage: nominal
   240 mm times a factor in [0.85, 1.15] (the slice spacing jitter of version 1), with the top of
   the scan 10-70 mm above the right diaphragmatic dome (40 +- 30 mm), so organs appear at
   different slice indices. A given ``spacing`` is used exactly; then only the field of view
