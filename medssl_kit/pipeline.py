@@ -4,7 +4,7 @@
 
 1. ``data`` — ``00_data_prep``: the profile's phantom (or the given manifest), validated;
 2. ``pretrain-<method>`` per method — the method's own notebook (``10`` pixel-global, ``11``
-   PCRLv2, ``13`` SSMTL / SSMTL+) or ``14_pretrain`` for the baselines;
+   PCRLv2, ``13`` SSMTL / SSMTL+) or ``15_pretrain_baselines`` for the baselines;
 3. ``finetune-<init>`` for ``scratch`` and every pre-trained method — ``20_finetune`` over the
    label budgets × seeds;
 4. ``compare`` — ``40_compare``: label-efficiency curves, tables, Wilcoxon tests, ``report.html``
@@ -51,7 +51,7 @@ PRETRAIN_NOTEBOOKS: dict[str, tuple[str, dict[str, Any]]] = {
     "ssmtl": ("13_pretrain_ssmtl.ipynb", {"variant": "ssmtl"}),
     "ssmtl_plus": ("13_pretrain_ssmtl.ipynb", {"variant": "ssmtl_plus"}),
 }
-GENERIC_PRETRAIN_NOTEBOOK = "14_pretrain.ipynb"
+GENERIC_PRETRAIN_NOTEBOOK = "15_pretrain_baselines.ipynb"
 LIBRARIES = ("torch", "monai", "numpy", "pandas", "papermill", "nbformat", "plotly", "matplotlib")
 
 

@@ -36,7 +36,7 @@ def test_plan_orders_data_pretraining_finetuning_compare(tmp_path):
         "compare",
     ]
     by_name = {s.name: s for s in stages}
-    assert by_name["pretrain-simsiam"].notebook == "14_pretrain.ipynb"
+    assert by_name["pretrain-simsiam"].notebook == "15_pretrain_baselines.ipynb"
     assert by_name["pretrain-simsiam"].parameters["method"] == "simsiam"
     assert by_name["pretrain-pixel_global"].notebook == "10_pretrain_pixel_global.ipynb"
     run = (tmp_path / "run").resolve()
