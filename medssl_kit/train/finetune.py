@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from medssl_kit import __version__
+from medssl_kit.atomic import atomic_write_text
 from medssl_kit.config import get_profile
 from medssl_kit.data.datasets import PatchDataset, SliceDataset, load_volumes
 from medssl_kit.data.io import CaseVolume
@@ -550,7 +551,7 @@ class _ClassifyTask(_Task):
             f"{data[i]['case_id']},{data[i]['slice']},{float(scores[i]):.6f},{int(present[i])}"
             for i in range(len(data))
         ]
-        (out_dir / "predictions.csv").write_text("\n".join(lines) + "\n")
+        atomic_write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")
         return [], {
             "target_class": self.target_name,
             "auroc": auroc(scores.numpy(), present.numpy()),
