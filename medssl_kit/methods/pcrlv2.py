@@ -331,9 +331,11 @@ class PCRLv2(PretrainMethod):
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """The paper's optimizer (SGD, momentum 0.9, cosine, weight decay 1e-5; lr 1e-2 in 2D,
         1e-3 in 3D as the public 3D script) and the method settings, with view sizes for
-        ``profile``. At ``cpu`` in 3D the batch is 2 volumes (5.3 s/step at 8, 0.8 s at 2)."""
+        ``profile``. At ``cpu`` in 3D the batch is 2 volumes and the run 500 steps, to stay within
+        the profile's 10-minute budget (benchmarks/RESULTS.md: 0.96 s/step at batch 2, 5.3 s at
+        batch 8; 1000 steps would take 16 minutes)."""
         name = get_profile(profile).name
-        loop = {"batch_size": 2} if spatial_dims == 3 and name == "cpu" else {}
+        loop = {"batch_size": 2, "steps": 500} if spatial_dims == 3 and name == "cpu" else {}
         return {
             **loop,
             "optimizer": "sgd",
