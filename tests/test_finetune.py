@@ -109,6 +109,21 @@ def test_init_from_run_reports_keys_and_rejects_another_backbone(
         )
 
 
+def test_pretraining_dropout_is_not_carried_into_fine_tuning(tiny_phantom, tmp_path):
+    # A method that pre-trains with decoder dropout (pixel_global's MC dropout) is fine-tuned in
+    # the same dropout-free architecture as scratch, unless fine-tuning asks for dropout.
+    src = build_backbone("unet", 2, 1, 8, channels=(8, 16, 32, 64, 128), dropout=0.3)
+    save_transferable(tmp_path / "pre" / "transferable.pt", src, method="demo")
+    plain = finetune(tmp_path / "pre", tiny_phantom, FinetuneConfig(**FAST), tmp_path / "a")
+    assert plain.key_report.complete
+    built = json.loads((plain.run_dir / "config.json").read_text())["backbone"]
+    assert built.get("dropout", 0.0) == 0.0
+    assert built["channels"] == [8, 16, 32, 64, 128]  # the pre-trained widths are kept
+    cfg = FinetuneConfig(backbone_kwargs={"dropout": 0.2}, **FAST)
+    asked = finetune(tmp_path / "pre", tiny_phantom, cfg, tmp_path / "b")
+    assert json.loads((asked.run_dir / "config.json").read_text())["backbone"]["dropout"] == 0.2
+
+
 def test_probe_trains_only_the_head(scratch_run, tiny_phantom, tmp_path):
     result = finetune(
         scratch_run.run_dir,

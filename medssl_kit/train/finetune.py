@@ -330,10 +330,12 @@ def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
                 f"run '{run}' pre-trained a '{backbone_cfg['name']}' backbone but fine-tuning asks "
                 f"for '{cfg.backbone}'; pass --backbone {backbone_cfg['name']}"
             )
+        # The pre-trained structure (widths, norm, ...), not a method's training-time dropout
+        # (pixel_global's MC dropout): every init is fine-tuned in the same architecture.
         kwargs = {
             k: v
             for k, v in backbone_cfg.items()
-            if k not in ("name", "spatial_dims", "in_channels", "out_channels")
+            if k not in ("name", "spatial_dims", "in_channels", "out_channels", "dropout")
         } | {k: v for k, v in cfg.backbone_kwargs.items() if k != "channels"}
         if cfg.mode == "full" and "skips" in kwargs:
             kwargs["skips"] = True  # PCRLv2: a non-skip encoder is fine-tuned inside a skip UNet
