@@ -11,7 +11,8 @@
    and ``summary.csv``.
 
 Each stage's executed notebook is saved in ``<out>/notebooks/<stage>.ipynb`` (its record: papermill
-stores the injected parameters in the notebook's metadata, and the outputs show the versions), and
+stores the injected parameters in the notebook's metadata, and ``metadata.medssl_kit`` the stage
+and the environment: library versions and git revision), and
 ``<out>/pipeline.json`` records the plan, each stage's parameters, status, start and end times,
 the package and library versions and the git revision. Parameter names are checked against each
 notebook's ``parameters`` cell before anything runs. A failing stage stops the pipeline with
@@ -228,6 +229,17 @@ def _execute(stage: Stage, notebooks_dir: Path, output: Path, log_output: bool) 
     )
 
 
+def _stamp(output: Path, stage: Stage, env: dict[str, Any]) -> None:
+    """Record the stage and the environment in the executed notebook's metadata."""
+    import nbformat
+
+    if not output.is_file():
+        return
+    nb = nbformat.read(output, as_version=4)
+    nb.metadata["medssl_kit"] = {"stage": stage.name, "environment": env}
+    atomic_write_text(output, nbformat.writes(nb))
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     out: str | Path,
@@ -271,9 +283,10 @@ def run_pipeline(
     else:
         first_started = None
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    env = environment()
     record = {
         "config": asdict(cfg.resolved()),
-        "environment": environment(),
+        "environment": env,
         "started": first_started or _now(),
         "resumed": _now() if first_started else None,
         "ended": None,
@@ -295,6 +308,7 @@ def run_pipeline(
         try:
             execute(stage, notebooks_dir, output, log_output)
         except Exception as err:  # papermill raises its own errors and the kernel's
+            _stamp(output, stage, env)
             stage.status, stage.error = "failed", _stage_error(err)
             stage.ended, stage.seconds = _now(), round(time.perf_counter() - start, 1)
             record["status"], record["ended"] = "failed", _now()
@@ -303,6 +317,7 @@ def run_pipeline(
                 f"stage '{stage.name}' ({stage.notebook}) failed: {stage.error}; its executed "
                 f"notebook is {output}; fix the cause and rerun with --resume"
             ) from err
+        _stamp(output, stage, env)
         stage.status, stage.ended = "completed", _now()
         stage.seconds = round(time.perf_counter() - start, 1)
         save()

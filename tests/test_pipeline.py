@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from medssl_kit.cli import main
@@ -68,7 +69,7 @@ def _fake(fail_on: set[str], calls: list[str]):
         calls.append(stage.name)
         if stage.name in fail_on:
             raise RuntimeError("boom: the first line\nsecond line\n" + "x\n" * 20)
-        Path(output).write_text("{}")
+        Path(output).write_text(nbformat.writes(nbformat.v4.new_notebook()))
 
     return execute
 
@@ -102,6 +103,8 @@ def test_failure_stops_and_resume_reruns_from_the_failed_stage(tmp_path):
     assert record["status"] == "completed"
     assert record["environment"]["libraries"]["torch"] and record["environment"]["python"]
     assert record["config"]["profile"] == "smoke" and record["config"]["methods"] == ["simsiam"]
+    stamped = nbformat.read(out / "notebooks" / "compare.ipynb", as_version=4)
+    assert stamped.metadata["medssl_kit"]["stage"] == "compare"
 
 
 def test_medssl_run_smoke_end_to_end(tiny_phantom, tmp_path, capsys):
@@ -129,6 +132,8 @@ def test_medssl_run_smoke_end_to_end(tiny_phantom, tmp_path, capsys):
         executed = json.loads((out / "notebooks" / f"{name}.ipynb").read_text())
         injected = executed["metadata"]["papermill"]["parameters"]
         assert injected == next(s for s in record["stages"] if s["name"] == name)["parameters"]
+        stamp = executed["metadata"]["medssl_kit"]
+        assert stamp["stage"] == name and stamp["environment"] == record["environment"]
     summary = (out / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("method,labeled,organ_dice") and len(summary) == 3
     report = (out / "report.html").read_text()
