@@ -163,6 +163,17 @@ def check_parameters(stages: Sequence[Stage], notebooks_dir: str | Path = NOTEBO
         raise PipelineError("; ".join(problems))
 
 
+def _git(*args: str) -> str:
+    """Output of ``git ARGS`` in the project folder; empty when git or the repository is absent."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=NOTEBOOKS_DIR.parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def environment() -> dict[str, Any]:
     """Versions of Python, medssl_kit and the main libraries, and the git revision (if any)."""
     versions = {}
@@ -171,23 +182,8 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=NOTEBOOKS_DIR.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=NOTEBOOKS_DIR.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        revision, dirty = "", ""
+    revision = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def test_failure_stops_and_resume_reruns_from_the_failed_stage(tmp_path):
     record = json.loads((out / "pipeline.json").read_text())
     assert record["status"] == "completed"
     assert record["environment"]["libraries"]["torch"] and record["environment"]["python"]
+    if (NOTEBOOKS_DIR.parent / ".git").exists():  # a checkout records its revision
+        assert re.fullmatch(r"[0-9a-f]{40}", record["environment"]["git_revision"])
     assert record["config"]["profile"] == "smoke" and record["config"]["methods"] == ["simsiam"]
     stamped = nbformat.read(out / "notebooks" / "compare.ipynb", as_version=4)
     assert stamped.metadata["medssl_kit"]["stage"] == "compare"
