@@ -502,7 +502,10 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
         help="label budgets (default: the profile's)",
     )
     p.add_argument(
-        "--seeds", type=_comma_list(_non_negative_int), default=[0, 1, 2], metavar="0,1,2"
+        "--seeds",
+        type=_comma_list(_non_negative_int),
+        metavar="0,1,2",
+        help="fine-tuning seeds (default: the profile's; smoke 0, cpu and gpu 0,1,2)",
     )
     p.add_argument(
         "--steps", type=_positive_int, metavar="N", help="pre-training steps (default: profile)"

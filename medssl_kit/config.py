@@ -37,6 +37,7 @@ class FinetuneSettings:
     patch_size: tuple[int, int, int]  # 3D training patches / sliding-window ROI (D, H, W)
     batch_size_3d: int
     budgets: tuple[int | str, ...]  # default label budgets of a label-efficiency curve
+    seeds: tuple[int, ...]  # default seeds of each budget (mean ± sd over them)
     lr: float = 1e-3
 
 
@@ -76,6 +77,7 @@ PROFILES: dict[str, Profile] = {
             patch_size=(16, 32, 32),
             batch_size_3d=2,
             budgets=(1, "all"),
+            seeds=(0,),
         ),
         pretrain=PretrainSettings(
             steps=4,
@@ -103,6 +105,7 @@ PROFILES: dict[str, Profile] = {
             patch_size=(32, 64, 64),
             batch_size_3d=2,
             budgets=(1, 2, 4, "all"),
+            seeds=(0, 1, 2),
             lr=3e-3,
         ),
         pretrain=PretrainSettings(
@@ -131,6 +134,7 @@ PROFILES: dict[str, Profile] = {
             patch_size=(64, 128, 128),
             batch_size_3d=2,
             budgets=(1, 2, 5, 10, "all"),
+            seeds=(0, 1, 2),
         ),
         pretrain=PretrainSettings(
             steps=20000,

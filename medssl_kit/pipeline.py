@@ -84,7 +84,7 @@ class PipelineConfig:
     manifest: str | None = None  # None: the profile's phantom in ``data_dir``
     data_dir: str | None = None  # None: ``data/phantom-<profile>`` under the current directory
     labeled: list[int | float | str] | None = None
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] | None = None
     steps: int | None = None  # pre-training steps; None: the profile's budget
 
     def resolved(self) -> PipelineConfig:
@@ -105,7 +105,7 @@ class PipelineConfig:
             manifest=str(Path(self.manifest).resolve()) if self.manifest else None,
             data_dir=str(Path(self.data_dir or f"data/phantom-{prof.name}").resolve()),
             labeled=list(self.labeled or prof.finetune.budgets),
-            seeds=list(self.seeds),
+            seeds=list(self.seeds or prof.finetune.seeds),
             steps=self.steps,
         )
 

@@ -48,6 +48,14 @@ def test_plan_orders_data_pretraining_finetuning_compare(tmp_path):
     check_parameters(stages)  # every name is declared by its notebook
 
 
+def test_budgets_and_seeds_default_to_the_profile(tmp_path):
+    smoke = {s.name: s for s in plan(PipelineConfig(profile="smoke"), tmp_path / "a")}
+    assert smoke["finetune-scratch"].parameters["seeds"] == [0]  # one seed keeps smoke short
+    cpu = {s.name: s for s in plan(PipelineConfig(profile="cpu"), tmp_path / "b")}
+    assert cpu["finetune-scratch"].parameters["labeled"] == [1, 2, 4, "all"]
+    assert cpu["finetune-scratch"].parameters["seeds"] == [0, 1, 2]
+
+
 def test_unknown_method_and_scratch_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="unknown method.*simclr"):
         plan(PipelineConfig(profile="smoke", methods=["simclr"]), tmp_path)
