@@ -87,6 +87,29 @@ def test_local_loss_equations_and_masking():
     assert L.local_consistency_loss(d, torch.zeros_like(valid)) == 0
 
 
+def test_excess_stabilizer_penalises_only_the_excess_and_treats_the_gap_as_a_baseline():
+    g = torch.Generator().manual_seed(3)
+    d = torch.rand(2, 4, 4, generator=g).requires_grad_()
+    d_stab = torch.rand(2, 4, 4, generator=g).requires_grad_()
+    u = torch.rand(2, 4, 4, generator=g)
+    valid = torch.rand(2, 4, 4, generator=g) > 0.3
+    n = valid.sum()
+    loss = L.local_consistency_loss(d, valid, d_stab, u, form="excess")
+    expected = ((1 - u) * (d - d_stab).clamp_min(0))[valid].sum() / n
+    assert torch.isclose(loss, expected)
+    loss.backward()
+    assert d_stab.grad is None  # the gap is a stop-gradient baseline
+    above = valid & (d > d_stab)
+    assert (d.grad[above] > 0).all()  # pulled down where it exceeds the gap
+    assert (d.grad[~above] == 0).all()  # never pushed up towards the gap
+    # the literal eq. 5 pushes d up where it is below the gap, and moves d̃ as well
+    d.grad = None
+    L.local_consistency_loss(d, valid, d_stab, u, form="absolute").backward()
+    assert (d.grad[valid & (d < d_stab)] < 0).all() and d_stab.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="form"):
+        L.local_consistency_loss(d, valid, d_stab, form="relative")
+
+
 def test_pixel_discrepancy_is_zero_only_for_agreement():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 5, 3, 3, generator=g)
@@ -163,6 +186,30 @@ def test_invalid_pixels_do_not_contribute():
     changed = method(batch, 0)
     handle.remove()
     assert not torch.isclose(before["local"], changed["local"])
+
+
+def test_stabilizer_form_default_is_the_excess_over_a_stop_gradient_gap():
+    assert make_method().cfg["stabilizer_form"] == "excess"
+    with pytest.raises(MedsslError, match="stabilizer_form"):
+        make_method(stabilizer_form="relative")
+    batch = make_method().make_batch(
+        [{"image": x} for x in images(3)], torch.Generator().manual_seed(5)
+    )
+    grads = {}
+    for form in ("excess", "absolute"):
+        torch.manual_seed(0)
+        method = make_method(stabilizer_form=form, uncertainty=False).eval()
+        x_tilde = {}
+
+        def keep_grad(module, inputs, out, x_tilde=x_tilde):
+            out.register_hook(lambda g: x_tilde.setdefault("g", g))
+
+        handle = method.pixel_head.register_forward_hook(keep_grad)
+        method(batch, 0)["local"].backward()
+        handle.remove()
+        grads[form] = x_tilde["g"][batch["views"].shape[0] :]  # rows of the x-tilde views
+    assert grads["excess"].abs().sum() == 0  # the gap is a baseline, not fitted
+    assert grads["absolute"].abs().sum() > 0  # the literal eq. 5 moves the x-tilde output too
 
 
 def test_stabilizer_replays_the_main_pairs_parameters():
@@ -259,9 +306,9 @@ def test_ablation_switches_remove_exactly_their_terms(ablation, monkeypatch):
     calls = {"local": [], "uncertainty": 0}
     real_local, real_u = L.local_consistency_loss, PixelGlobal.teacher_uncertainty
 
-    def spy_local(d, valid, stabilizer=None, uncertainty=None):
+    def spy_local(d, valid, stabilizer=None, uncertainty=None, form="absolute"):
         calls["local"].append((stabilizer is not None, uncertainty is not None))
-        return real_local(d, valid, stabilizer, uncertainty)
+        return real_local(d, valid, stabilizer, uncertainty, form)
 
     def spy_u(self, *args, **kwargs):
         calls["uncertainty"] += 1

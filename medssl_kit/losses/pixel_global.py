@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DISCREPANCIES = ("kl", "cross_entropy")
+STABILIZER_FORMS = ("excess", "absolute")
 
 
 def _channel_view(center: Tensor, like: Tensor, dim: int) -> Tensor:
@@ -104,6 +105,7 @@ def local_consistency_loss(
     valid: Tensor,
     stabilizer: Tensor | None = None,
     uncertainty: Tensor | None = None,
+    form: str = "absolute",
 ) -> Tensor:
     """The pixel-level term ``ℓ_local`` of eq. 4, 5 or 6, averaged over the valid pixels.
 
@@ -114,14 +116,25 @@ def local_consistency_loss(
     and ``valid`` the pixels with a partner in the other view. All are ``[N, *S]``.
 
     - eq. 4 (no stabilizer, no uncertainty): ``Σ_i d_i``;
-    - eq. 5 (stabilizer): ``Σ_i |d_i − d̃_i|`` — per pixel, the difference, then the absolute
-      value, then the sum;
-    - eq. 6 (both): ``Σ_i (1 − U_ti) |d_i − d̃_i|`` (without a stabilizer: ``Σ_i (1 − U_ti) d_i``).
+    - eq. 5 (stabilizer), ``form="absolute"`` (the paper's literal form):
+      ``Σ_i |d_i − d̃_i|`` — per pixel, the difference, then the absolute value, then the sum;
+      ``form="excess"``: ``Σ_i max(0, d_i − sg(d̃_i))`` — only the discrepancy in excess of the
+      context gap that the same augmentations open on ``x̃`` is penalised, and ``d̃`` is a
+      baseline (stop-gradient), not a second thing to fit;
+    - eq. 6 (both): ``Σ_i (1 − U_ti) s_i`` with ``s_i`` the eq. 5 term (without a stabilizer:
+      ``Σ_i (1 − U_ti) d_i``).
 
     Each sum runs over the valid pixels and is divided by their number (not by ``Σ (1 − U)``, so
     an uncertain teacher lowers the loss rather than being renormalised away).
     """
-    per_pixel = discrepancy if stabilizer is None else (discrepancy - stabilizer).abs()
+    if stabilizer is None:
+        per_pixel = discrepancy
+    elif form == "absolute":
+        per_pixel = (discrepancy - stabilizer).abs()
+    elif form == "excess":
+        per_pixel = (discrepancy - stabilizer.detach()).clamp_min(0.0)
+    else:
+        raise ValueError(f"form must be one of {STABILIZER_FORMS}, got {form!r}")
     if uncertainty is not None:
         per_pixel = (1.0 - uncertainty) * per_pixel
     return masked_mean(per_pixel, valid)
