@@ -201,6 +201,29 @@ def test_skip_and_nonskip_unet_share_the_encoder() -> None:
     )
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_nonskip_weights_embedded_in_a_skip_unet_compute_the_same_function(dims) -> None:
+    """A non-skip UNet's decoder enters a skip UNet with zero skip inputs: same output, and
+    the skip weights still get gradient (fine-tuning can learn to use them)."""
+    torch.manual_seed(0)
+    channels = (4, 8, 8, 16)
+    nonskip = UNet(dims, 1, 3, channels=channels, skips=False).eval()
+    skip = UNet(dims, 1, 3, channels=channels, skips=True).eval()
+    state = skip.embed_nonskip_state(nonskip.state_dict())
+    skip.load_state_dict(state)  # strict: every key fits
+    x = torch.rand(2, 1, *([16] * dims))
+    torch.testing.assert_close(skip(x), nonskip(x))
+    first = skip.decoder[0].convs.conv_0.conv.weight
+    assert first[:, : channels[-2]].abs().sum() == 0
+    skip.train()
+    skip(x).square().mean().backward()
+    assert first.grad[:, : channels[-2]].abs().sum() > 0
+    with pytest.raises(ValueError, match="does not fit"):
+        skip.embed_nonskip_state({"decoder.0.convs.conv_0.conv.weight": torch.zeros(8, 3, 3, 3)})
+    with pytest.raises(ValueError, match="skips=True"):
+        nonskip.embed_nonskip_state(nonskip.state_dict())
+
+
 # --------------------------------------------------------------------------- dropout
 
 

@@ -374,6 +374,24 @@ def test_run_pretraining_then_finetune_loads_every_encoder_key(dims, tiny_phanto
     assert all(not k.startswith("encoder.") for k in report.missing)
 
 
+def test_encoder_decoder_transfer_starts_fine_tuning_from_the_pretrained_network(
+    tiny_phantom, tmp_path
+):
+    with pytest.raises(MedsslError, match="transfer"):
+        _method(transfer="decoder")
+    cfg = _run_cfg(2, method_cfg={"transfer": "encoder_decoder"})
+    run_pretraining(cfg, tiny_phantom, tmp_path / "run", progress=False)
+    header = read_transferable(tmp_path / "run")
+    assert any(k.startswith("decoder.") for k in header["state_dict"])
+    ft = FinetuneConfig(profile="smoke", steps=1, val_every=1)
+    report = finetune(tmp_path / "run", tiny_phantom, ft, tmp_path / "ft", progress=False)
+    report = report.key_report
+    assert not report.mismatched and not report.unexpected
+    decoder = [k for k in report.matched if k.startswith("decoder.")]
+    assert len(decoder) == len([k for k in header["state_dict"] if k.startswith("decoder.")])
+    assert all(k.startswith("head.") for k in report.missing)
+
+
 def test_resume_gives_the_same_weights(tiny_phantom, tmp_path, monkeypatch):
     run_pretraining(_run_cfg(2), tiny_phantom, tmp_path / "a", progress=False)
     original = PCRLv2.on_step_end

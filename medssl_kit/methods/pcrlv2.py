@@ -44,6 +44,11 @@ Settings (``cfg``; defaults from :meth:`PCRLv2.default_config`):
 ``crop_size`` / ``local_size`` (2D view sizes), ``patch_size`` / ``local_size_3d`` (3D),
 ``corruption`` (bool: off gives inputs equal to targets), ``local_reduction`` ("sum" as in
 eq. 10, or "mean" over the 12 global–local pairs as in the public code).
+``transfer`` ("encoder" or "encoder_decoder")
+    what fine-tuning starts from: the encoder (the paper) or the whole non-skip UNet, its
+    decoder entering the UNet with skips with the skip inputs at zero, so the fine-tuned network
+    starts as the pre-trained one (not in the paper; SSMTL's gain here comes mostly from its
+    pre-trained decoder, see the README).
 
 Choices where the paper is silent or ambiguous, and deviations (with reasons):
 
@@ -121,6 +126,7 @@ from medssl_kit.methods.base import PretrainMethod
 from medssl_kit.models.heads import MLPHead
 
 CROPS = ("multi", "sub")
+TRANSFERS = ("encoder", "encoder_decoder")
 
 # Method settings and their profile-independent defaults (see the module docstring).
 METHOD_DEFAULTS: dict[str, Any] = {
@@ -137,6 +143,7 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "local_reduction": "sum",
     "local_size": (48, 48),
     "local_size_3d": (16, 16, 16),
+    "transfer": "encoder",
 }
 # The global view sizes are the loop's crop_size (2D) and patch_size (3D), which run_pretraining
 # passes to the method; these defaults serve a method built directly.
@@ -277,6 +284,9 @@ class PCRLv2(PretrainMethod):
                 f"pcrlv2: local_reduction must be 'sum' or 'mean', got {c['local_reduction']!r}"
             )
         self.local_reduction = c["local_reduction"]
+        if c["transfer"] not in TRANSFERS:
+            raise MedsslError(f"pcrlv2: transfer must be one of {TRANSFERS}, got {c['transfer']!r}")
+        self.transfer = c["transfer"]
         self.n_local = int(c["n_local"]) if self.comparison else 0
         self.iou_min = float(c["iou_min"])
         self.corruption = CORRUPTION[self.dims] if c["corruption"] else None
@@ -571,7 +581,11 @@ class PCRLv2(PretrainMethod):
         self.total_steps.fill_(max_steps)
 
     def transferable_state(self) -> dict[str, Tensor]:
-        """The encoder's weights: PCRLv2 fine-tunes the encoder inside a UNet with skips."""
+        """The encoder's weights (the paper: the encoder is fine-tuned inside a UNet with skips),
+        or with ``transfer="encoder_decoder"`` the whole non-skip UNet, whose decoder then
+        enters the skip UNet with zero-initialised skip inputs (``train.transfer``)."""
+        if self.transfer == "encoder_decoder":
+            return self.backbone.state_dict()
         return self.backbone.encoder_state_dict()
 
     # --- inspection --------------------------------------------------------------------------

@@ -113,6 +113,7 @@ class UpBlock(nn.Module):
         self.convs = DoubleConv(
             spatial_dims, skip_channels + up_channels, out_channels, act, norm, dropout
         )
+        self.skip_channels = skip_channels
         self.has_skip = skip_channels > 0
 
     def forward(self, x: Tensor, skip: Tensor | None, size: Sequence[int]) -> Tensor:
@@ -265,3 +266,34 @@ class UNet(BackboneMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, out_channels, *spatial]`` at the input's resolution."""
         return self.decode(self.encode(x))[1]
+
+    def embed_nonskip_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A non-skip UNet's weights fitted to this UNet with skips, computing the same function.
+
+        Only the first convolution of each decoder block differs in shape: here it reads
+        ``[skip, up]`` (the encoder feature concatenated before the upsampled one), in the
+        non-skip UNet ``up`` alone. Its weights go to the ``up`` input channels and the ``skip``
+        input channels start at zero, so before any training this network's output equals the
+        non-skip network's; fine-tuning then learns how much of each skip to use. Every other
+        key is returned unchanged.
+        """
+        if not self.skips:
+            raise ValueError("embed_nonskip_state needs a UNet with skips=True")
+        own = self.state_dict()
+        out = dict(state)
+        for j, block in enumerate(self.decoder):
+            key = f"decoder.{j}.convs.conv_0.conv.weight"
+            if key not in state:
+                continue
+            target, source = own[key], state[key]
+            skip = block.skip_channels
+            expected = (target.shape[0], target.shape[1] - skip, *target.shape[2:])
+            if tuple(source.shape) != expected:
+                raise ValueError(
+                    f"{key}: a non-skip weight of shape {tuple(source.shape)} does not fit "
+                    f"{tuple(target.shape)} with skip channels in front"
+                )
+            widened = source.new_zeros(target.shape)
+            widened[:, skip:] = source
+            out[key] = widened
+        return out

@@ -67,12 +67,16 @@ def load_transferable(
     """Load the matching weights of ``path`` into ``backbone``; fail when nothing matches.
 
     ``encoder_only`` keeps only the keys under the backbone's ``encoder_prefixes`` (the decoder
-    starts from random weights, e.g. to measure what a pre-trained decoder adds).
+    starts from random weights, e.g. to measure what a pre-trained decoder adds). A non-skip
+    ``unet``'s decoder loads into a ``unet`` with skips through
+    :meth:`~medssl_kit.models.unet.UNet.embed_nonskip_state` (skip inputs start at zero).
     """
     data = read_transferable(path)
     state = data["state_dict"]
     if encoder_only:
         state = {k: v for k, v in state.items() if k.startswith(backbone.encoder_prefixes)}
+    if data["backbone"].get("skips") is False and getattr(backbone, "skips", False):
+        state = backbone.embed_nonskip_state(state)
     report = KeyReport.compare(backbone.state_dict(), state)
     if not report.matched:
         raise MedsslError(
