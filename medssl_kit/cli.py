@@ -430,11 +430,14 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
-        help="compare fine-tuning results: Dice / HD95 per method and budget, Wilcoxon p",
+        help="compare fine-tuning results: Dice / HD95 per method and budget, Wilcoxon p; "
+        "slice-classifier AUROC",
         description="Read every results.csv under the given folders (or files) and print the "
         "comparison table in Markdown: organ and lesion Dice and organ HD95 as mean ± sd over "
         "seeds, and a paired Wilcoxon signed-rank p of organ Dice against the baseline over "
-        "(test case, seed) pairs.",
+        "(test case, seed) pairs. Slice-classifier runs (finetune --mode classify) under the "
+        "folders get a second table: AUROC mean ± sd over seeds and the paired difference "
+        "against the baseline with a 95 %% case-bootstrap interval and p.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folders or results.csv files")
     p.add_argument("--baseline", default="scratch", metavar="METHOD")
@@ -444,15 +447,35 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from medssl_kit.atomic import atomic_write_text
+    from medssl_kit.evaluate.classification import (
+        auroc_markdown,
+        auroc_table,
+        load_classifier_predictions,
+    )
     from medssl_kit.evaluate.report import comparison_table, split_classes, to_markdown
-    from medssl_kit.evaluate.results import load_results
+    from medssl_kit.evaluate.results import RESULTS_FILENAME, load_results
 
-    df = load_results(args.paths)
-    organs, lesions = split_classes(dict(zip(df["class_id"], df["class"], strict=True)))
-    table = comparison_table(df, organs, lesions, baseline=args.baseline)
-    print(to_markdown(table, baseline=args.baseline))
+    predictions = load_classifier_predictions(args.paths)
+    segmentation = [
+        p for p in args.paths if Path(p).is_file() or next(Path(p).rglob(RESULTS_FILENAME), None)
+    ]
+    if not segmentation and predictions.empty:
+        raise MedsslError(
+            f"no {RESULTS_FILENAME} and no classifier run found under {', '.join(args.paths)}"
+        )
+    tables = []
+    if segmentation:
+        df = load_results(segmentation)
+        organs, lesions = split_classes(dict(zip(df["class_id"], df["class"], strict=True)))
+        table = comparison_table(df, organs, lesions, baseline=args.baseline)
+        print(to_markdown(table, baseline=args.baseline))
+        tables.append(table)
+    if not predictions.empty:
+        table = auroc_table(predictions, baseline=args.baseline)
+        print(("\n" if tables else "") + auroc_markdown(table, baseline=args.baseline))
+        tables.append(table)
     if args.csv:
-        atomic_write_text(args.csv, table.to_csv(index=False))
+        atomic_write_text(args.csv, "\n".join(t.to_csv(index=False) for t in tables))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from monai.networks.nets import BasicUNet
 from medssl_kit.cli import main
 from medssl_kit.data.manifest import load_manifest
 from medssl_kit.errors import MedsslError
+from medssl_kit.evaluate.metrics import auroc
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import FinetuneConfig, choose_labeled_cases, finetune
@@ -149,6 +150,10 @@ def test_classify_mode_reports_auroc(tiny_phantom, tmp_path):
     assert result.summary["positive_slices"] == int(pred["target"].sum())
     assert not (result.run_dir / "results.csv").exists()
     assert pred["target"].nunique() == 2 and 0 <= result.summary["auroc"] <= 1
+    # the file keeps every score distinct that the run saw: its AUROC is the summary's
+    assert auroc(pred["score"].to_numpy(), pred["target"].to_numpy()) == pytest.approx(
+        result.summary["auroc"], abs=1e-9
+    )
 
 
 def test_classify_needs_positive_and_negative_slices(tiny_phantom, tmp_path):

@@ -1,10 +1,19 @@
+import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from medssl_kit.cli import main
 from medssl_kit.errors import MedsslError
+from medssl_kit.evaluate.classification import (
+    auroc_markdown,
+    auroc_table,
+    load_classifier_predictions,
+    paired_auroc_difference,
+)
+from medssl_kit.evaluate.metrics import auroc
 from medssl_kit.evaluate.report import (
     comparison_table,
     load_run_summaries,
@@ -105,3 +114,64 @@ def test_run_summaries_and_wall_times(tmp_path):
         load_run_summaries(tmp_path)
     with pytest.raises(MedsslError, match="does not exist"):
         load_run_summaries(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- classifier AUROC
+
+
+def _classifier_runs(root, methods=("scratch", "ssl")):
+    """Classify run folders: 8 cases × 6 slices, 2 positive slices in 6 of the cases; 'ssl'
+    ranks the positives above the negatives, 'scratch' scores at random."""
+    rng = np.random.default_rng(0)
+    for method in methods:
+        for seed in range(3):
+            rows = []
+            for c in range(8):
+                for s in range(6):
+                    target = int(c < 6 and s < 2)
+                    noise = rng.random()
+                    score = 0.5 * target + 0.5 * noise if method == "ssl" else noise
+                    rows.append(f"case_{c},{s},{score:.9g},{target}")
+            run = root / method / f"labeled-all_seed-{seed}"
+            run.mkdir(parents=True)
+            (run / "predictions.csv").write_text("case,slice,score,target\n" + "\n".join(rows))
+            summary = {"method": method, "mode": "classify", "labeled": 8, "seed": seed}
+            (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_auroc_table_and_paired_case_bootstrap(tmp_path):
+    _classifier_runs(tmp_path)
+    preds = load_classifier_predictions(tmp_path)
+    assert len(preds) == 2 * 3 * 48 and set(preds["labeled"]) == {8.0}
+    table = auroc_table(preds, n_boot=300).set_index("method")
+    per_seed = {
+        (m, s): auroc(g["score"].to_numpy(), g["target"].to_numpy())
+        for (m, s), g in preds.groupby(["method", "seed"])
+    }
+    for method in ("scratch", "ssl"):
+        assert table.loc[method, "auroc"] == pytest.approx(
+            np.mean([per_seed[method, s] for s in range(3)])
+        )
+    diff = np.mean([per_seed["ssl", s] - per_seed["scratch", s] for s in range(3)])
+    assert table.loc["ssl", "diff"] == pytest.approx(diff) and diff > 0.3
+    assert table.loc["ssl", "ci_low"] > 0 and table.loc["ssl", "p_value"] < 0.05
+    assert math.isnan(table.loc["scratch", "diff"])
+    same = paired_auroc_difference(preds, "ssl", "ssl", 8.0, n_boot=50)
+    assert same["diff"] == 0 and same["p_value"] == 1.0 and same["n_cases"] == 8
+    text = auroc_markdown(auroc_table(preds, n_boot=50))
+    assert "| ssl | 8 |" in text and "Δ vs scratch" in text
+
+
+def test_cli_report_prints_the_auroc_table_and_names_bad_files(tmp_path, capsys):
+    _classifier_runs(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "AUROC" in out and "| scratch | 8 |" in out and "organ Dice" not in out
+    bad = tmp_path / "ssl" / "labeled-all_seed-0" / "predictions.csv"
+    bad.write_text("case,slice,score\ncase_0,0,0.5\n")
+    with pytest.raises(MedsslError, match="labeled-all_seed-0.*target"):
+        load_classifier_predictions(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) != 0
+    assert "no results.csv and no classifier run" in capsys.readouterr().err

@@ -550,7 +550,7 @@ class _ClassifyTask(_Task):
     def evaluate(self, model: nn.Module, vols: list[CaseVolume], out_dir: Path):
         data, present, scores = self._scores(model, vols)
         lines = ["case,slice,score,target"] + [
-            f"{data[i]['case_id']},{data[i]['slice']},{float(scores[i]):.6f},{int(present[i])}"
+            f"{data[i]['case_id']},{data[i]['slice']},{float(scores[i]):.9g},{int(present[i])}"
             for i in range(len(data))
         ]
         atomic_write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")
