@@ -163,6 +163,17 @@ def test_defaults_follow_the_paper_and_the_profile():
         _method(scale=3)
 
 
+def test_global_local_comparison_is_averaged_over_the_pairs_by_default():
+    # eq. 10's plain sum of the 12 global-local terms starves restoration (module docstring)
+    mean, total = _method(), _method(local_reduction="sum")
+    assert mean.local_reduction == "mean"
+    batch = _batch(mean)
+    with torch.no_grad():
+        a, b = mean(batch, 0), total(batch, 0)
+    assert b["comparison_local"].item() == pytest.approx(12 * a["comparison_local"].item(), 1e-5)
+    torch.testing.assert_close(a["restoration"], b["restoration"])
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_no_skip_path_in_the_pretraining_network(dims):
     kwargs = PretrainConfig(method="pcrlv2", profile="smoke", dims=dims).resolved().backbone_kwargs
