@@ -70,6 +70,8 @@ def test_cli_report(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--csv", str(tmp_path / "table.csv")]) == 0
     out = capsys.readouterr().out
     assert "| scratch | 1 |" in out and "lesion Dice" in out
+    assert main(["report", str(tmp_path / "ssl" / "results.csv")]) == 0  # a file works too
+    assert "| ssl | 1 |" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "table.csv")) == 2
 
 

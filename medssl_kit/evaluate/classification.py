@@ -10,7 +10,6 @@ overstate the evidence), the same resampled cases for both methods and every see
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.metrics import auroc
+from medssl_kit.evaluate.report import SUMMARY_FILENAME, load_run_summaries
 
 PREDICTIONS_FILENAME = "predictions.csv"
 PREDICTION_COLUMNS = ("case", "slice", "score", "target")
@@ -36,29 +36,20 @@ def load_classifier_predictions(paths: str | Path | Iterable[str | Path]) -> pd.
             readable ``predictions.csv`` with the expected columns (the file is named).
     """
     items = [paths] if isinstance(paths, str | Path) else list(paths)
-    frames = []
-    for item in items:
-        root = Path(item)
-        if not root.exists():
-            raise MedsslError(f"run folder '{root}' does not exist")
-        summaries = [root] if root.is_file() else sorted(root.rglob("summary.json"))
-        for path in summaries:
-            if path.name != "summary.json":
-                continue
-            try:
-                summary = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise MedsslError(f"run summary '{path}' cannot be read: {exc}") from exc
-            if summary.get("mode") != "classify":
-                continue
-            frames.append(_read_predictions(path.parent / PREDICTIONS_FILENAME, summary))
+    runs = load_run_summaries(
+        [p for p in items if Path(p).is_dir() or Path(p).name == SUMMARY_FILENAME]
+    )
+    frames = [
+        _read_predictions(Path(run.run_dir) / PREDICTIONS_FILENAME, run)
+        for run in runs[runs["mode"] == "classify"].itertuples()
+    ]
     columns = ["method", "labeled", "seed", *PREDICTION_COLUMNS, "run_dir"]
     if not frames:
         return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True)[columns]
 
 
-def _read_predictions(path: Path, summary: dict) -> pd.DataFrame:
+def _read_predictions(path: Path, run) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"case": str})
     except (OSError, ValueError) as exc:
@@ -67,9 +58,9 @@ def _read_predictions(path: Path, summary: dict) -> pd.DataFrame:
     if missing:
         raise MedsslError(f"classifier predictions '{path}' lack the column(s) {missing}")
     df = df[list(PREDICTION_COLUMNS)].copy()
-    df["method"] = summary.get("method", "")
-    df["labeled"] = float(summary["labeled"])
-    df["seed"] = int(summary["seed"])
+    df["method"] = run.method
+    df["labeled"] = float(run.labeled)
+    df["seed"] = int(run.seed)
     df["run_dir"] = str(path.parent)
     return df
 

@@ -118,8 +118,9 @@ def load_run_summaries(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame
     """Every run's ``summary.json`` under ``paths`` (folders, searched recursively), one row each.
 
     Columns: ``run_dir``, ``kind`` (``finetune`` when the summary has a label budget, else
-    ``pretrain``), ``method``, ``labeled``, ``seed``, ``wall_time_s`` (NaN where absent) and
-    ``steps`` (fine-tuning: ``steps_run``).
+    ``pretrain``), ``method``, ``labeled``, ``seed``, ``wall_time_s`` (NaN where absent),
+    ``steps`` (fine-tuning: ``steps_run``) and ``mode`` (fine-tuning: ``full``, ``probe`` or
+    ``classify``; empty for pre-training).
     """
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     rows = []
@@ -143,9 +144,10 @@ def load_run_summaries(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame
                     "seed": summary.get("seed", -1),
                     "wall_time_s": float(summary.get("wall_time_s", math.nan)),
                     "steps": summary.get("steps_run" if finetune else "steps", math.nan),
+                    "mode": summary.get("mode", "full") if finetune else "",
                 }
             )
-    columns = ["run_dir", "kind", "method", "labeled", "seed", "wall_time_s", "steps"]
+    columns = ["run_dir", "kind", "method", "labeled", "seed", "wall_time_s", "steps", "mode"]
     return pd.DataFrame(rows, columns=columns)
 
 
