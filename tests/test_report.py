@@ -160,6 +160,8 @@ def test_auroc_table_and_paired_case_bootstrap(tmp_path):
     assert math.isnan(table.loc["scratch", "diff"])
     same = paired_auroc_difference(preds, "ssl", "ssl", 8.0, n_boot=50)
     assert same["diff"] == 0 and same["p_value"] == 1.0 and same["n_cases"] == 8
+    one_class = preds.assign(target=0)  # AUROC undefined: NaN, not an endless redraw
+    assert math.isnan(paired_auroc_difference(one_class, "ssl", "scratch", 8.0)["p_value"])
     text = auroc_markdown(auroc_table(preds, n_boot=50))
     assert "| ssl | 8 |" in text and "Δ vs scratch" in text
 

@@ -110,6 +110,8 @@ def paired_auroc_difference(
     reference = b[b["seed"] == seeds[0]]
     positive = set(reference.loc[reference["target"] == 1, "case"])
     negative = set(reference.loc[reference["target"] == 0, "case"])
+    if not positive or not negative:  # AUROC undefined: no draw could hold both classes
+        return {**nan, "n_seeds": len(seeds), "n_cases": len(cases)}
 
     table_a, table_b = _by_seed_and_case(a), _by_seed_and_case(b)
 
