@@ -13,9 +13,15 @@ from medssl_kit.cli import main
 from medssl_kit.data.manifest import load_manifest
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.metrics import auroc
+from medssl_kit.models.export import KeyReport
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
-from medssl_kit.train.finetune import FinetuneConfig, choose_labeled_cases, finetune
+from medssl_kit.train.finetune import (
+    FinetuneConfig,
+    _param_groups,
+    choose_labeled_cases,
+    finetune,
+)
 from medssl_kit.train.transfer import load_transferable, read_transferable, save_transferable
 
 FAST = dict(profile="smoke", steps=4, val_every=2, checkpoint_every=2, batch_size=2)
@@ -229,3 +235,38 @@ def test_encoder_only_transfer_leaves_the_decoder_random(scratch_run, tiny_phant
     with pytest.raises(MedsslError, match="transfer"):
         finetune("scratch", tiny_phantom, FinetuneConfig(transfer="decoder", **FAST),
                  tmp_path / "bad", progress=False)  # fmt: skip
+
+
+def test_pretrained_lr_scale_slows_or_freezes_only_the_loaded_weights(
+    scratch_run, tiny_phantom, tmp_path
+):
+    # Adam's first step moves every weight with a non-negligible gradient by exactly its rate,
+    # so one step shows the rate the loaded (encoder) weights trained at.
+    before = read_transferable(scratch_run.run_dir)["state_dict"]
+    one_step = dict(FAST, steps=1, val_every=1, checkpoint_every=1)
+    lr = FinetuneConfig(**one_step).resolved().lr
+    for scale in (1.0, 0.1, 0.0):
+        cfg = FinetuneConfig(transfer="encoder", pretrained_lr_scale=scale, **one_step)
+        run = finetune(scratch_run.run_dir, tiny_phantom, cfg, tmp_path / f"s{scale}",
+                       progress=False)  # fmt: skip
+        after = read_transferable(run.run_dir)["state_dict"]
+        weights = [k for k in run.key_report.matched if k.endswith((".weight", ".bias"))]
+        moved = max((after[k] - before[k]).abs().max().item() for k in weights)
+        assert moved == pytest.approx(scale * lr, rel=0.02, abs=1e-12)
+    with pytest.raises(MedsslError, match="pretrained_lr_scale"):
+        finetune("scratch", tiny_phantom, FinetuneConfig(pretrained_lr_scale=-1, **FAST),
+                 tmp_path / "bad", progress=False)  # fmt: skip
+
+
+def test_pretrained_lr_scale_groups_loaded_and_fresh_parameters():
+    backbone = build_backbone("unet", 2, 1, 3, channels=(4, 8, 16, 32, 64))
+    names = [n for n, _ in backbone.named_parameters()]
+    loaded = [n for n in names if n.startswith("encoder.")]
+    report = KeyReport(matched=loaded)
+    cfg = FinetuneConfig(lr=1e-2, pretrained_lr_scale=0.25)
+    fresh, slow = _param_groups(backbone, report, cfg)
+    params = dict(backbone.named_parameters())
+    assert {id(p) for p in slow["params"]} == {id(params[n]) for n in loaded}
+    assert slow["lr"] == pytest.approx(2.5e-3) and "lr" not in fresh  # fresh: the base rate
+    assert len(fresh["params"]) == len(names) - len(loaded)
+    assert len(_param_groups(backbone, None, cfg)) == 1  # scratch: nothing was loaded

@@ -105,6 +105,9 @@ class FinetuneConfig:
     batch_dice: bool = True  # Dice sums pooled over the batch (nnU-Net); False: per sample
     target_class: str | None = None  # classify: the class whose presence is predicted
     transfer: str = "all"  # "all" transferable weights, or "encoder" only (decoder re-initialised)
+    # Learning-rate multiplier for the weights loaded from the init run (discriminative
+    # fine-tuning); 1.0: one rate for every weight, 0.0: the loaded weights stay frozen.
+    pretrained_lr_scale: float = 1.0
 
     def resolved(self) -> FinetuneConfig:
         """A copy with every ``None`` budget filled in from the profile."""
@@ -118,6 +121,8 @@ class FinetuneConfig:
             raise MedsslError(f"dims must be 2 or 3, got {out.dims}")
         if out.transfer not in ("all", "encoder"):
             raise MedsslError(f"transfer must be 'all' or 'encoder', got {out.transfer!r}")
+        if not out.pretrained_lr_scale >= 0:
+            raise MedsslError(f"pretrained_lr_scale must be >= 0, got {out.pretrained_lr_scale!r}")
         out.steps = out.steps or ft.steps
         out.batch_size = out.batch_size or (ft.batch_size if out.dims == 2 else ft.batch_size_3d)
         out.lr = out.lr or ft.lr
@@ -195,8 +200,9 @@ def finetune(
     task = _Task.make(cfg, manifest, model)
     batches = task.batch_source(train_vols)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(
+        _param_groups(model, key_report, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.steps, power=0.9)
     state = {"step": 0, "best_score": -math.inf, "best_step": 0, "bad_checks": 0, "stopped": False}
     best_state = copy.deepcopy(model.state_dict())
@@ -346,6 +352,28 @@ def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
         _freeze_all_but_head(backbone)
     model = _Classifier(backbone) if cfg.mode == "classify" else backbone
     return model, method, report
+
+
+def _param_groups(
+    model: nn.Module, key_report: KeyReport | None, cfg: FinetuneConfig
+) -> list[dict[str, Any]]:
+    """Trainable parameters at the base rate, then those loaded from the init run at
+    ``cfg.pretrained_lr_scale`` × the base rate (frozen when the scale is 0)."""
+    loaded_names = set(key_report.matched) if key_report else set()
+    loaded = {id(p) for name, p in model_backbone(model).named_parameters() if name in loaded_names}
+    scale = cfg.pretrained_lr_scale
+    if scale == 0:
+        for p in model.parameters():
+            if id(p) in loaded:
+                p.requires_grad = False
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if scale in (0, 1):
+        return [{"params": trainable}]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in loaded]},
+        {"params": [p for p in trainable if id(p) in loaded], "lr": cfg.lr * scale},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def _freeze_all_but_head(backbone: nn.Module) -> None:
