@@ -106,7 +106,8 @@ class FinetuneConfig:
     target_class: str | None = None  # classify: the class whose presence is predicted
     transfer: str = "all"  # "all" transferable weights, or "encoder" only (decoder re-initialised)
     # Learning-rate multiplier for the weights loaded from the init run (discriminative
-    # fine-tuning); 1.0: one rate for every weight, 0.0: the loaded weights stay frozen.
+    # fine-tuning); 1.0: one rate for every weight, 0.0: the loaded weights stay frozen (their
+    # batch-norm statistics still follow the fine-tuning data).
     pretrained_lr_scale: float = 1.0
 
     def resolved(self) -> FinetuneConfig:
