@@ -349,6 +349,9 @@ def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
     backbone = build_backbone(cfg.backbone, cfg.dims, in_channels, out_channels, **kwargs)
     if str(init) != "scratch":
         report = load_transferable(backbone, Path(init), encoder_only=cfg.transfer == "encoder")
+        if cfg.pretrained_lr_scale == 0:
+            for name, p in backbone.named_parameters():
+                p.requires_grad = p.requires_grad and name not in report.matched
     if cfg.mode == "probe":
         _freeze_all_but_head(backbone)
     model = _Classifier(backbone) if cfg.mode == "classify" else backbone
@@ -359,20 +362,18 @@ def _param_groups(
     model: nn.Module, key_report: KeyReport | None, cfg: FinetuneConfig
 ) -> list[dict[str, Any]]:
     """Trainable parameters at the base rate, then those loaded from the init run at
-    ``cfg.pretrained_lr_scale`` × the base rate (frozen when the scale is 0)."""
+    ``cfg.pretrained_lr_scale`` × the base rate."""
     loaded_names = set(key_report.matched) if key_report else set()
     loaded = {id(p) for name, p in model_backbone(model).named_parameters() if name in loaded_names}
-    scale = cfg.pretrained_lr_scale
-    if scale == 0:
-        for p in model.parameters():
-            if id(p) in loaded:
-                p.requires_grad = False
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if scale in (0, 1):
+    if cfg.pretrained_lr_scale in (0, 1):  # 0: _build_model froze the loaded weights
         return [{"params": trainable}]
     groups = [
         {"params": [p for p in trainable if id(p) not in loaded]},
-        {"params": [p for p in trainable if id(p) in loaded], "lr": cfg.lr * scale},
+        {
+            "params": [p for p in trainable if id(p) in loaded],
+            "lr": cfg.lr * cfg.pretrained_lr_scale,
+        },
     ]
     return [g for g in groups if g["params"]]
 
