@@ -23,6 +23,7 @@ from medssl_kit.models import (
     monai_spec,
     to_monai,
 )
+from medssl_kit.models.base import batch_statistics
 from medssl_kit.models.export import monai_state_dict
 
 
@@ -264,6 +265,36 @@ def test_no_active_dropout_without_dropout() -> None:
     assert not any(isinstance(m, nn.Dropout) for m in unet.modules())
     resunet, _ = small("resunet", 2)  # FlexibleUNet keeps p=0 dropout modules
     assert all(m.p == 0 for m in resunet.dropout_layers)
+
+
+def test_batch_statistics_normalises_with_the_batch_and_changes_nothing() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)
+        net[1].running_var.fill_(100.0)
+    net.eval()
+    x = torch.randn(3, 1, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        in_eval = net(x)
+        with batch_statistics(net):
+            assert net[1].training and not net[2].training  # BN on the batch, dropout still off
+            inside = net(x)
+            again = net(x)
+    h = net[0](x)
+    mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+    w, b = net[1].weight.view(1, -1, 1, 1), net[1].bias.view(1, -1, 1, 1)
+    expected = net[3]((h - mean) / torch.sqrt(var + net[1].eps) * w + b)
+    torch.testing.assert_close(inside, expected.detach())
+    torch.testing.assert_close(inside, again)  # no running update between the two calls
+    assert not torch.allclose(inside, in_eval)
+    assert not net[1].training and not net[2].training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running stats and num_batches_tracked restored
+    net.train()
+    with batch_statistics(net):
+        pass
+    assert net[1].training and net[2].training  # the modes it had, not eval
 
 
 # --------------------------------------------------------------------------- validation

@@ -340,6 +340,37 @@ def test_identical_views_through_an_identical_network_compare_to_minus_one():
     assert out["comparison"].item() == pytest.approx(-1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_restore_uses_the_batch_statistics_and_leaves_the_network_unchanged(dims):
+    method = _method(dims)
+    batch = _batch(method)
+    x = batch["global_inputs"][:, 0]
+    method.train()
+    with torch.no_grad():
+        method(batch, 0)  # running statistics now mix global and local views
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    restored = [method.restore(x, i) for i in range(len(method.levels))]
+    with torch.no_grad():
+        for m in method.modules():  # running statistics that would wreck an eval-mode restore
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.fill_(50.0)
+                m.running_var.fill_(1e4)
+    for i, r in enumerate(restored):
+        torch.testing.assert_close(method.restore(x, i), r)
+        level = method.levels[i]
+        with torch.no_grad():
+            direct = method.restoration_heads[i](method._pyramid(x)[level])  # training mode
+        mode = "bilinear" if dims == 2 else "trilinear"
+        expected = F.interpolate(direct, size=x.shape[2:], mode=mode, align_corners=False)
+        torch.testing.assert_close(r, expected)
+        assert r.shape == x.shape
+    assert method.training
+    method.load_state_dict(state)
+    method.restore(x)
+    for k, v in method.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 

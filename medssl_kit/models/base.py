@@ -16,16 +16,20 @@ prefixes that make up "the encoder", the part most methods transfer).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 NORMS = ("batch", "instance", "group")
 
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+_BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -80,6 +84,29 @@ class BackboneMixin:
         """The ``state_dict`` entries whose keys start with one of ``encoder_prefixes``."""
         state = self.state_dict()  # type: ignore[attr-defined]
         return {k: v for k, v in state.items() if k.startswith(self.encoder_prefixes)}
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Inside the block, every batch-norm layer of ``module`` normalises with the statistics of
+    the batch it is given, as in training, and every other layer keeps its mode.
+
+    The running statistics (and ``num_batches_tracked``) are restored on exit, so inspecting a
+    network this way changes nothing in it. For networks whose running statistics do not describe
+    the inputs at hand, e.g. PCRLv2's, which also see 16³ local views (1³ at the deepest level).
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BATCH_NORM_TYPES)]
+    saved = [(m, m.training, [b.clone() for b in m.buffers(recurse=False)]) for m in norms]
+    for m in norms:
+        m.train()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mode, buffers in saved:
+                m.train(mode)
+                for b, kept in zip(m.buffers(recurse=False), buffers, strict=True):
+                    b.copy_(kept)
 
 
 def monai_norm(norm: str, groups: int = 8) -> str | tuple[str, dict[str, Any]]:
