@@ -55,7 +55,19 @@ class BackboneMixin:
     name: ClassVar[str]
     encoder_prefixes: ClassVar[tuple[str, ...]]
     decoder_prefixes: ClassVar[tuple[str, ...]]
+    features_type: ClassVar[type[BackboneFeatures]] = BackboneFeatures
     config: dict[str, Any]
+
+    def forward_features(self, x: Tensor) -> BackboneFeatures:
+        """Encoder features, decoder features and logits of one pass through ``encode`` and
+        ``decode`` (backbones with that pair; the others override this and ``forward``)."""
+        encoded = self.encode(x)  # type: ignore[attr-defined]
+        decoded, logits = self.decode(encoded)  # type: ignore[attr-defined]
+        return self.features_type(encoder=encoded, decoder=decoded, output=logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, out_channels, *spatial]`` at the input's resolution."""
+        return self.decode(self.encode(x))[1]  # type: ignore[attr-defined]
 
     @property
     def dropout_layers(self) -> list[nn.Module]:

@@ -134,6 +134,7 @@ class FPN(BackboneMixin, nn.Module):
     """
 
     name = "fpn"
+    features_type = FPNFeatures
     encoder_prefixes = ("encoder.",)
     decoder_prefixes = ("decoder.",)
 
@@ -227,13 +228,3 @@ class FPN(BackboneMixin, nn.Module):
             x = block(x, encoder_feats[self.n_levels - 2 - j])
             pyramid.append(x)
         return pyramid, self.head(pyramid[::-1])
-
-    def forward_features(self, x: Tensor) -> FPNFeatures:
-        """Bottom-up maps, pyramid (``.levels``: highest resolution first) and logits."""
-        encoded = self.encode(x)
-        pyramid, logits = self.decode(encoded)
-        return FPNFeatures(encoder=encoded, decoder=pyramid, output=logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, out_channels, *spatial]`` at the input's resolution."""
-        return self.decode(self.encode(x))[1]

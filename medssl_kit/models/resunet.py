@@ -27,7 +27,6 @@ from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import Tensor, nn
 
 from medssl_kit.models.base import (
-    BackboneFeatures,
     BackboneMixin,
     check_group_norm,
     check_input,
@@ -179,13 +178,3 @@ class ResUNet(BackboneMixin, FlexibleUNet):
             x = block(x, skips[i] if i < self.skip_connect else None)
             decoded.append(x)
         return decoded, self.segmentation_head(x)
-
-    def forward_features(self, x: Tensor) -> BackboneFeatures:
-        """Encoder features, decoder features and logits of one pass."""
-        encoded = self.encode(x)
-        decoded, logits = self.decode(encoded)
-        return BackboneFeatures(encoder=encoded, decoder=decoded, output=logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, out_channels, *spatial]`` at the input's resolution."""
-        return self.decode(self.encode(x))[1]

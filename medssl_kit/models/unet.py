@@ -34,7 +34,6 @@ from monai.networks.layers.factories import Conv, Pool
 from torch import Tensor, nn
 
 from medssl_kit.models.base import (
-    BackboneFeatures,
     BackboneMixin,
     check_group_norm,
     check_input,
@@ -256,16 +255,6 @@ class UNet(BackboneMixin, nn.Module):
             x = block(x, ref if self.skips else None, ref.shape[2:])
             decoded.append(x)
         return decoded, self.head(x)
-
-    def forward_features(self, x: Tensor) -> BackboneFeatures:
-        """Encoder features, decoder features and logits of one pass (see :meth:`decode`)."""
-        encoded = self.encode(x)
-        decoded, logits = self.decode(encoded)
-        return BackboneFeatures(encoder=encoded, decoder=decoded, output=logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, out_channels, *spatial]`` at the input's resolution."""
-        return self.decode(self.encode(x))[1]
 
     def embed_nonskip_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A non-skip UNet's weights fitted to this UNet with skips, computing the same function.
