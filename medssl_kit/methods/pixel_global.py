@@ -91,9 +91,11 @@ Choices the paper leaves open (or gets wrong), and why
   the student trains with it active, the teacher's targets are computed with it off.
 - **Views.** ``sample_view_pair`` at ``crop_size`` pixels (``gpu``: 224² as in the paper; CPU
   profiles: the profile's crop): random resized crop of 40–100 % of the slice area (DINO's global
-  crops; the paper gives no range), aspect 3/4–4/3, flips of each axis with p 0.5, free rotation
-  up to ±10° (no 90° turns: CT anatomy is never upside down), contrast ×0.75–1.25 and gamma
-  0.7–1.5 each with p 0.5; no brightness, blur or noise (the paper lists none). Override with
+  crops; the paper gives no range), aspect 3/4–4/3, flips of each axis with p 0.5 (the paper's
+  "vertical & horizontal flipping", although fine-tuning never flips: measured at ``cpu``, GP
+  pre-trained without flips fine-tuned worse at one labelled case, README), free rotation up to
+  ±10° (no 90° turns), contrast ×0.75–1.25 and gamma 0.7–1.5 each with p 0.5; no brightness,
+  blur or noise (the paper lists none). Override with
   the ``view`` setting (a dict of :class:`~medssl_kit.data.views.ViewSpec` fields).
 - **Transfer.** :meth:`transferable_state` returns the *student*'s encoder and decoder (not the
   segmentation head, which pre-training never trains). The paper keeps the student ("we keep its
