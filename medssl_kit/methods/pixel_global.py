@@ -95,8 +95,8 @@ Choices the paper leaves open (or gets wrong), and why
   "vertical & horizontal flipping", although fine-tuning never flips: measured at ``cpu``, GP
   pre-trained without flips fine-tuned worse at one labelled case, README), free rotation up to
   ±10° (no 90° turns), contrast ×0.75–1.25 and gamma 0.7–1.5 each with p 0.5; no brightness,
-  blur or noise (the paper lists none). Override with
-  the ``view`` setting (a dict of :class:`~medssl_kit.data.views.ViewSpec` fields).
+  blur or noise (the paper lists none). Override with the ``view`` setting (a dict of
+  :class:`~medssl_kit.data.views.ViewSpec` fields).
 - **Transfer.** :meth:`transferable_state` returns the *student*'s encoder and decoder (not the
   segmentation head, which pre-training never trains). The paper keeps the student ("we keep its
   parameters and fine-tune them"); DINO transfers the teacher, which is the better network in its
