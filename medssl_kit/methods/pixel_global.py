@@ -101,6 +101,7 @@ Choices the paper leaves open (or gets wrong), and why
   segmentation head, which pre-training never trains). The paper keeps the student ("we keep its
   parameters and fine-tune them"); DINO transfers the teacher, which is the better network in its
   experiments. ``transfer="teacher"`` switches, and the teacher is always in the checkpoint.
+  Measured at ``cpu`` (GP, one labelled case): the teacher fine-tunes no better (README).
 - **Optimisation.** ``gpu``: the paper's setting — ResUNet50 (``resunet``, resnet50), batch 8,
   LARS lr 0.2 with cosine decay and a warm-up of 2 of 500 epochs (0.4 % of the steps: 80),
   weight decay 1.5e-6 (BYOL). CPU profiles: a ``unet`` with the loop's Adam 1e-3 and cosine, the
