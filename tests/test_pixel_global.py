@@ -360,6 +360,26 @@ def test_settings_per_profile_and_bad_settings():
     make_method(dropout=0.0, uncertainty=False)  # fine without the uncertainty weighting
 
 
+@pytest.mark.parametrize("transfer", ["student", "teacher"])
+def test_transfer_exports_the_chosen_network(transfer):
+    method = make_method(transfer=transfer)
+    with torch.no_grad():  # make student and teacher differ, as after training
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    state = method.transferable_state()
+    source = method.backbone if transfer == "student" else method.teacher["backbone"]
+    other = method.teacher["backbone"] if transfer == "student" else method.backbone
+    expected = {
+        k: v for k, v in source.state_dict().items() if k.startswith(("encoder.", "decoder."))
+    }
+    assert set(state) == set(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    weights = [k for k in expected if k.endswith("conv.weight")]
+    assert weights and not any(torch.equal(state[k], other.state_dict()[k]) for k in weights)
+    with pytest.raises(MedsslError, match="transfer must be"):
+        make_method(transfer="ema")
+
+
 def test_resunet_backbone_works():
     torch.manual_seed(0)
     net = build_backbone("resunet", 2, 1, 2, dropout=0.1)
