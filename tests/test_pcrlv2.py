@@ -371,6 +371,32 @@ def test_restore_uses_the_batch_statistics_and_leaves_the_network_unchanged(dims
         assert torch.equal(v, state[k]), k
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_restoration_error_is_the_restore_mse_beside_the_view_mean(dims, monkeypatch):
+    method = _method(dims)
+    items = _items(dims, n=2)
+    error = method.restoration_error(items, torch.Generator().manual_seed(4), draws=2)
+    assert list(error) == [f"level {i}" for i in range(len(method.levels))] + ["view mean"]
+    g = torch.Generator().manual_seed(4)
+    expected = torch.zeros(len(method.levels) + 1, dtype=torch.float64)
+    for _ in range(2):
+        for item in items:
+            batch = method.make_batch([item], g)
+            x, t = batch["global_inputs"].flatten(0, 1), batch["global_targets"].flatten(0, 1)
+            for i in range(len(method.levels)):
+                expected[i] += ((method.restore(x, i) - t) ** 2).mean().item() / 4
+            expected[-1] += t.flatten(1).var(dim=1, unbiased=False).mean().item() / 4
+    assert list(error.values()) == pytest.approx(expected.tolist(), rel=1e-5)
+    # a perfect restorer of un-corrupted views scores 0 at every level; the baseline does not
+    clean = _method(dims, corruption=False)
+    monkeypatch.setattr(clean, "restore", lambda inputs, level=None: inputs)
+    perfect = clean.restoration_error(items, torch.Generator().manual_seed(4))
+    assert all(v == 0.0 for k, v in perfect.items() if k != "view mean")
+    assert perfect["view mean"] > 0.01  # resized uniform noise: below its variance of 1/12
+    with pytest.raises(MedsslError, match="at least one item"):
+        method.restoration_error([], torch.Generator())
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 

@@ -622,3 +622,32 @@ class PCRLv2(PretrainMethod):
             self.train(training)
         mode = "bilinear" if self.dims == 2 else "trilinear"
         return F.interpolate(out, size=inputs.shape[2:], mode=mode, align_corners=False)
+
+    @torch.no_grad()
+    def restoration_error(
+        self, items: list[Any], generator: torch.Generator, draws: int = 1
+    ) -> dict[str, float]:
+        """How well the global views are restored: mean squared error per used level.
+
+        Each of ``draws`` rounds makes one batch per item (:meth:`make_batch`, so views and
+        corruption as in pre-training) and restores its two corrupted global views together
+        (:meth:`restore`, batch statistics of those two). Returns ``"level i"`` for every used
+        level (0 = the coarsest) and ``"view mean"``, the error of predicting each clean view's
+        own mean intensity: a restoration no better than that has learned nothing about the
+        image. The errors are averaged over the ``draws × len(items)`` batches.
+        """
+        if not items or draws < 1:
+            raise MedsslError("restoration_error needs at least one item and one draw")
+        errors = torch.zeros(len(self.levels) + 1, dtype=torch.float64)
+        for _ in range(draws):
+            for item in items:
+                batch = self.make_batch([item], generator)
+                inputs = batch["global_inputs"].flatten(0, 1)
+                targets = batch["global_targets"].flatten(0, 1)
+                for i in range(len(self.levels)):
+                    errors[i] += F.mse_loss(self.restore(inputs, i), targets).item()
+                view_mean = targets.mean(dim=tuple(range(1, targets.ndim)), keepdim=True)
+                errors[-1] += F.mse_loss(view_mean.expand_as(targets), targets).item()
+        errors /= draws * len(items)
+        names = [f"level {i}" for i in range(len(self.levels))] + ["view mean"]
+        return dict(zip(names, errors.tolist(), strict=True))
