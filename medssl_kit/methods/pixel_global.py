@@ -108,9 +108,9 @@ Choices the paper leaves open (or gets wrong), and why
   optimiser every method uses at these budgets, so that CPU comparisons between methods differ
   in the method only (measured at ``cpu``, GP at one labelled case: the paper's LARS, with the
   ``unet`` or the ResUNet50, fine-tunes no better than scratch in the same network, README).
-  The uncertainty weighting makes this method the dearest per step (×3 with the 20 passes), so at ``cpu`` it trains 400 steps on 64² views (:data:`CPU_BUDGET`) to stay
-  within the profile's 10-minute pre-training budget; the other methods run the profile's 1000
-  steps on 96² views.
+  The uncertainty weighting makes this method the dearest per step (×3 with the 20 passes), so
+  at ``cpu`` it trains 400 steps on 64² views (:data:`CPU_BUDGET`) to stay within the profile's
+  10-minute pre-training budget; the other methods run the profile's 1000 steps on 96² views.
 """
 
 from __future__ import annotations
