@@ -353,7 +353,8 @@ def _apply_overrides(cfg: object, pairs: list[tuple[str, object]]) -> None:
 def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune",
-        help="fine-tune (or probe, or classify) with a label budget; evaluate on the test split",
+        help="fine-tune (or probe, classify, kNN-label) with a label budget; evaluate on the test "
+        "split",
         description="Fine-tune from scratch or from a run folder's transferable weights with "
         "N labelled train cases (or a fraction), validate for early stopping, evaluate every test "
         "volume and write the run folder (config.json, metrics.jsonl, checkpoint.pt, "
@@ -361,7 +362,7 @@ def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--init", default="scratch", metavar="scratch|RUN_DIR")
     p.add_argument("--labeled", type=_labeled_arg, default="all", metavar="N|F|all")
-    p.add_argument("--mode", choices=("full", "probe", "classify"), default="full")
+    p.add_argument("--mode", choices=("full", "probe", "classify", "knn"), default="full")
     _add_run_arguments(p, "any FinetuneConfig field, e.g. lr=3e-4")
     p.set_defaults(handler=_run_finetune)
 

@@ -5,7 +5,9 @@ backbone with a trainable 1×1 head (``mode="probe"``), or a slice-level "lesion
 classifier on the backbone's encoder (``mode="classify"``), from scratch or from the transferable
 weights of a run folder, using a label budget of fine-tuning cases chosen by the seed. It
 validates for early stopping and model selection, then evaluates the selected model on every
-test volume and writes the run folder:
+test volume and writes the run folder. ``mode="knn"`` trains nothing: the frozen backbone's pixel
+features of the labelled cases become a reference set and every test pixel is labelled by
+weighted kNN voting (:mod:`medssl_kit.evaluate.knn`), a direct reading of what the features hold.
 
 ``config.json``      the resolved configuration, the labelled case ids, the key report
 ``metrics.jsonl``    one line per logged step (loss, lr) and per validation (score)
@@ -55,6 +57,7 @@ from medssl_kit.data.views import (
 )
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.inference import predict_volume
+from medssl_kit.evaluate.knn import DEFAULT_K, balanced_reference, knn_vote
 from medssl_kit.evaluate.metrics import auroc, segmentation_metrics, summarise
 from medssl_kit.evaluate.report import split_classes
 from medssl_kit.evaluate.results import load_results, write_results
@@ -77,7 +80,8 @@ from medssl_kit.train.transfer import (
     save_transferable,
 )
 
-MODES = ("full", "probe", "classify")
+MODES = ("full", "probe", "classify", "knn")
+KNN_FEATURES = ("decoder", "encoder")
 
 
 @dataclass
@@ -109,6 +113,12 @@ class FinetuneConfig:
     # fine-tuning); 1.0: one rate for every weight, 0.0: the loaded weights stay frozen (their
     # batch-norm statistics still follow the fine-tuning data).
     pretrained_lr_scale: float = 1.0
+    # knn mode: neighbours per vote, reference pixels drawn per class from the labelled cases,
+    # and the features: "decoder" (the last, full-resolution decoder map) or "encoder" (every
+    # encoder level, each L2-normalised and upsampled to full resolution, concatenated).
+    knn_k: int = DEFAULT_K
+    knn_per_class: int = 1000
+    knn_features: str = "decoder"
 
     def resolved(self) -> FinetuneConfig:
         """A copy with every ``None`` budget filled in from the profile."""
@@ -122,9 +132,14 @@ class FinetuneConfig:
             raise MedsslError(f"dims must be 2 or 3, got {out.dims}")
         if out.transfer not in ("all", "encoder"):
             raise MedsslError(f"transfer must be 'all' or 'encoder', got {out.transfer!r}")
+        if out.mode == "knn" and (out.dims != 2 or out.knn_features not in KNN_FEATURES):
+            raise MedsslError(
+                f"knn mode works on 2D slices with knn_features in {KNN_FEATURES}; got dims "
+                f"{out.dims}, knn_features {out.knn_features!r}"
+            )
         if not out.pretrained_lr_scale >= 0:
             raise MedsslError(f"pretrained_lr_scale must be >= 0, got {out.pretrained_lr_scale!r}")
-        out.steps = out.steps or ft.steps
+        out.steps = 0 if out.mode == "knn" else out.steps or ft.steps
         out.batch_size = out.batch_size or (ft.batch_size if out.dims == 2 else ft.batch_size_3d)
         out.lr = out.lr or ft.lr
         out.val_every = out.val_every or ft.val_every
@@ -199,6 +214,8 @@ def finetune(
 
     model, method, key_report = _build_model(init, manifest, cfg)
     task = _Task.make(cfg, manifest, model)
+    if isinstance(model, _KnnSegmenter):
+        model.fit(SliceDataset(train_vols, context=cfg.context, with_label=True), manifest)
     batches = task.batch_source(train_vols)
 
     optimizer = torch.optim.Adam(
@@ -298,7 +315,7 @@ def finetune(
         "labeled_cases": labeled_ids,
         "steps_run": state["step"],
         "best_step": state["best_step"],
-        "best_val_score": state["best_score"],
+        "best_val_score": state["best_score"] if state["best_step"] else None,
         "early_stopped": bool(state["stopped"]),
         "wall_time_s": time.perf_counter() - started,
     }
@@ -318,9 +335,75 @@ class _Classifier(nn.Module):
         return self.head(self.backbone.encode(x)[-1])
 
 
+class _KnnSegmenter(nn.Module):
+    """A frozen backbone whose pixel features are labelled by kNN voting against a reference set
+    of labelled pixels (:meth:`fit`); ``forward`` returns log class probabilities."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int, cfg: FinetuneConfig):
+        super().__init__()
+        self.backbone = backbone.eval()
+        self.n_classes, self.k, self.features = n_classes, cfg.knn_k, cfg.knn_features
+        self.per_class, self.seed = cfg.knn_per_class, cfg.seed
+        self.reference: Tensor | None = None
+        self.reference_labels: Tensor | None = None
+
+    def pixel_features(self, x: Tensor) -> Tensor:
+        """``[B, F, H, W]`` features of every input pixel."""
+        feats = self.backbone.forward_features(x)
+        maps = [feats.decoder[-1]] if self.features == "decoder" else feats.encoder
+        size = tuple(x.shape[2:])
+        return torch.cat(
+            [
+                F.interpolate(F.normalize(m, dim=1), size=size, mode="bilinear")
+                if tuple(m.shape[2:]) != size
+                else F.normalize(m, dim=1)
+                for m in maps
+            ],
+            1,
+        )
+
+    @torch.no_grad()
+    def fit(self, slices: SliceDataset, manifest: Manifest, batch_size: int = 16) -> None:
+        """Draw the reference set: up to ``per_class`` pixels of each class labelled in the
+        slices' cases (ignored pixels, and classes a case does not label, are left out)."""
+        self.backbone.eval()
+        labels = []
+        for i in range(len(slices)):
+            item = slices[i]
+            label = item["label"].flatten().long()
+            case = manifest.get_case(item["case_id"])
+            known = torch.tensor([0, *manifest.labelled_classes(case)])
+            labels.append(torch.where(torch.isin(label, known), label, -1))
+        labels = torch.stack(labels)  # [slices, pixels]
+        flat = labels.flatten()
+        valid = (flat >= 0).nonzero().flatten()
+        g = torch.Generator().manual_seed(self.seed)
+        chosen = valid[balanced_reference(flat[valid], self.per_class, g)]
+        if len(chosen) == 0:
+            raise MedsslError("knn mode found no labelled pixel in the labelled cases")
+        rows, cols = chosen // labels.shape[1], chosen % labels.shape[1]  # chosen is sorted
+        reference = []
+        for start in range(0, len(slices), batch_size):
+            stop = min(start + batch_size, len(slices))
+            x = torch.stack([slices[i]["image"] for i in range(start, stop)])
+            feats = self.pixel_features(x).flatten(2)  # [b, F, pixels]
+            inside = (rows >= start) & (rows < stop)
+            reference.append(feats[rows[inside] - start, :, cols[inside]])
+        self.reference, self.reference_labels = torch.cat(reference), flat[chosen]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.reference is None:
+            raise MedsslError("the kNN segmenter has no reference set; call fit() first")
+        feats = self.pixel_features(x)
+        query = feats.movedim(1, -1).reshape(-1, feats.shape[1])
+        probs = knn_vote(self.reference, self.reference_labels, query, self.n_classes, k=self.k)
+        probs = probs.reshape(*feats.shape[:1], *feats.shape[2:], self.n_classes).movedim(-1, 1)
+        return probs.clamp_min(1e-12).log()
+
+
 def model_backbone(model: nn.Module) -> nn.Module:
     """The backbone inside a fine-tuned model (the model itself for segmentation)."""
-    return model.backbone if isinstance(model, _Classifier) else model
+    return model.backbone if isinstance(model, (_Classifier, _KnnSegmenter)) else model
 
 
 def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
@@ -354,6 +437,8 @@ def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
                 p.requires_grad = p.requires_grad and name not in report.matched
     if cfg.mode == "probe":
         _freeze_all_but_head(backbone)
+    if cfg.mode == "knn":
+        return _KnnSegmenter(backbone, out_channels, cfg), method, report
     model = _Classifier(backbone) if cfg.mode == "classify" else backbone
     return model, method, report
 
@@ -665,6 +750,11 @@ def load_finetuned(run_dir: str | Path) -> nn.Module:
     run_dir = Path(run_dir)
     data = read_transferable(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
+    if config["config"]["mode"] == "knn":
+        raise MedsslError(
+            f"'{run_dir}' is a knn run: it trains no model (its predictions are recomputed from "
+            "the init run's features and the labelled cases); load the init run instead"
+        )
     backbone = build_backbone(**data["backbone"])
     if config["config"]["mode"] == "classify":
         model = _Classifier(backbone)
