@@ -367,9 +367,9 @@ class _KnnSegmenter(nn.Module):
         """Draw the reference set: up to ``per_class`` pixels of each class labelled in the
         slices' cases (ignored pixels, and classes a case does not label, are left out)."""
         self.backbone.eval()
+        items = [slices[i] for i in range(len(slices))]  # read each slice once
         labels = []
-        for i in range(len(slices)):
-            item = slices[i]
+        for item in items:
             label = item["label"].flatten().long()
             case = manifest.get_case(item["case_id"])
             known = torch.tensor([0, *manifest.labelled_classes(case)])
@@ -383,9 +383,9 @@ class _KnnSegmenter(nn.Module):
             raise MedsslError("knn mode found no labelled pixel in the labelled cases")
         rows, cols = chosen // labels.shape[1], chosen % labels.shape[1]  # chosen is sorted
         reference = []
-        for start in range(0, len(slices), batch_size):
-            stop = min(start + batch_size, len(slices))
-            x = torch.stack([slices[i]["image"] for i in range(start, stop)])
+        for start in range(0, len(items), batch_size):
+            stop = min(start + batch_size, len(items))
+            x = torch.stack([item["image"] for item in items[start:stop]])
             feats = self.pixel_features(x).flatten(2)  # [b, F, pixels]
             inside = (rows >= start) & (rows < stop)
             reference.append(feats[rows[inside] - start, :, cols[inside]])
