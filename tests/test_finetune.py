@@ -43,6 +43,25 @@ def test_label_budgets_are_seeded_and_nested(tiny_phantom):
         choose_labeled_cases(manifest, -1, seed=0)
 
 
+def test_training_on_the_pretrain_split_labels(tiny_phantom, tmp_path):
+    """``train_split="pretrain"``: a supervised start on the pre-training pool's labels."""
+    manifest = load_manifest(tiny_phantom)
+    pool = {c.id for c in manifest.split("pretrain")}
+    assert set(choose_labeled_cases(manifest, "all", seed=0, split="pretrain")) == pool
+    with pytest.raises(MedsslError, match="exceeds the 2 labelled pretrain cases"):
+        choose_labeled_cases(manifest, 3, seed=0, split="pretrain")
+    cfg = FinetuneConfig(labeled="all", train_split="pretrain", **FAST)
+    result = finetune("scratch", tiny_phantom, cfg, tmp_path / "sup", progress=False)
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert set(config["labeled_cases"]) == pool and result.summary["labeled"] == len(pool)
+    assert set(pd.read_csv(result.run_dir / "results.csv")["case"]) == {
+        c.id for c in manifest.split("test")
+    }
+    for held_out in ("val", "test"):
+        with pytest.raises(MedsslError, match="train_split"):
+            FinetuneConfig(profile="smoke", train_split=held_out).resolved()
+
+
 @pytest.fixture(scope="module")
 def scratch_run(tiny_phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "scratch"

@@ -82,6 +82,7 @@ from medssl_kit.train.transfer import (
 
 MODES = ("full", "probe", "classify", "knn")
 KNN_FEATURES = ("decoder", "encoder")
+TRAIN_SPLITS = ("train", "pretrain")
 
 
 @dataclass
@@ -119,6 +120,10 @@ class FinetuneConfig:
     knn_k: int = DEFAULT_K
     knn_per_class: int = 1000
     knn_features: str = "decoder"
+    # The split whose labelled cases are trained on: "train", or "pretrain" to train on the
+    # pre-training pool's labels (a supervised start, the upper bound for what SSL on that pool
+    # could transfer: `--init` a run made this way).
+    train_split: str = "train"
 
     def resolved(self) -> FinetuneConfig:
         """A copy with every ``None`` budget filled in from the profile."""
@@ -136,6 +141,11 @@ class FinetuneConfig:
             raise MedsslError(
                 f"knn mode works on 2D slices with knn_features in {KNN_FEATURES}; got dims "
                 f"{out.dims}, knn_features {out.knn_features!r}"
+            )
+        if out.train_split not in TRAIN_SPLITS:
+            raise MedsslError(
+                f"train_split must be one of {TRAIN_SPLITS} (val and test stay held out), "
+                f"got {out.train_split!r}"
             )
         if not out.pretrained_lr_scale >= 0:
             raise MedsslError(f"pretrained_lr_scale must be >= 0, got {out.pretrained_lr_scale!r}")
@@ -160,19 +170,21 @@ class FinetuneResult:
     key_report: KeyReport | None
 
 
-def choose_labeled_cases(manifest: Manifest, labeled: int | float | str, seed: int) -> list[str]:
-    """Ids of the labelled ``train`` cases a budget selects (seeded, nested across budgets)."""
-    pool = [c.id for c in manifest.split("train") if c.labelled]
+def choose_labeled_cases(
+    manifest: Manifest, labeled: int | float | str, seed: int, split: str = "train"
+) -> list[str]:
+    """Ids of the labelled ``split`` cases a budget selects (seeded, nested across budgets)."""
+    pool = [c.id for c in manifest.split(split) if c.labelled]
     if not pool:
         raise MedsslError(
-            f"manifest '{manifest.display_path}' has no labelled case in split 'train'"
+            f"manifest '{manifest.display_path}' has no labelled case in split '{split}'"
         )
-    n = _budget_count(labeled, len(pool))
+    n = _budget_count(labeled, len(pool), split)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
     return [pool[i] for i in order[:n]]
 
 
-def _budget_count(labeled: int | float | str, pool: int) -> int:
+def _budget_count(labeled: int | float | str, pool: int, split: str) -> int:
     if labeled == "all":
         return pool
     value = float(labeled)
@@ -180,7 +192,9 @@ def _budget_count(labeled: int | float | str, pool: int) -> int:
         return max(1, round(value * pool))
     if value >= 1 and value == int(value):
         if value > pool:
-            raise MedsslError(f"label budget {int(value)} exceeds the {pool} labelled train cases")
+            raise MedsslError(
+                f"label budget {int(value)} exceeds the {pool} labelled {split} cases"
+            )
         return int(value)
     raise MedsslError(
         f"label budget must be a case count >= 1, a fraction in (0, 1) or 'all'; got {labeled!r}"
@@ -204,8 +218,8 @@ def finetune(
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
-    labeled_ids = choose_labeled_cases(manifest, cfg.labeled, cfg.seed)
-    train_vols = load_volumes(manifest, ["train"])
+    labeled_ids = choose_labeled_cases(manifest, cfg.labeled, cfg.seed, cfg.train_split)
+    train_vols = load_volumes(manifest, [cfg.train_split])
     train_vols = [v for v in train_vols if v.case_id in set(labeled_ids)]
     val_vols = [v for v in load_volumes(manifest, ["val"]) if v.label is not None]
     test_vols = [v for v in load_volumes(manifest, ["test"]) if v.label is not None]
