@@ -449,6 +449,8 @@ def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
         if cfg.pretrained_lr_scale == 0:
             for name, p in backbone.named_parameters():
                 p.requires_grad = p.requires_grad and name not in report.matched
+    if cfg.train_split != "train":  # trained on the pool's labels: not a scratch run any more
+        method = "supervised" if method == "scratch" else f"{method}+supervised"
     if cfg.mode == "probe":
         _freeze_all_but_head(backbone)
     if cfg.mode == "knn":
