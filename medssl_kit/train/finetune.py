@@ -219,8 +219,8 @@ def finetune(
     torch.manual_seed(cfg.seed)
 
     labeled_ids = choose_labeled_cases(manifest, cfg.labeled, cfg.seed, cfg.train_split)
-    train_vols = load_volumes(manifest, [cfg.train_split])
-    train_vols = [v for v in train_vols if v.case_id in set(labeled_ids)]
+    chosen = set(labeled_ids)
+    train_vols = [v for v in load_volumes(manifest, [cfg.train_split]) if v.case_id in chosen]
     val_vols = [v for v in load_volumes(manifest, ["val"]) if v.label is not None]
     test_vols = [v for v in load_volumes(manifest, ["test"]) if v.label is not None]
     if not test_vols:
