@@ -392,6 +392,53 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# clusters
+
+
+def _add_clusters(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "clusters",
+        help="what a run's frozen pixel features group by: organ, position or intensity",
+        description="Cluster the frozen pixel features of --init (as the kNN mode reads them) "
+        "over the body pixels of the split's slices with spherical k-means and print the "
+        "normalised mutual information of the clusters with the organ label, the pixel's cell "
+        "in a grid over the slice and its intensity quantile; --out writes them as JSON.",
+    )
+    p.add_argument("--init", default="scratch", metavar="scratch|RUN_DIR")
+    p.add_argument("--manifest", required=True, metavar="M", help="manifest file or folder")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
+    p.add_argument("--features", choices=("decoder", "encoder"), default="decoder")
+    p.add_argument("--backbone", default="unet", metavar="NAME")
+    p.add_argument("--split", choices=("pretrain", "train", "val", "test"), default="test")
+    p.add_argument("--k", type=_positive_int, default=16, help="clusters (default 16)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S")
+    p.add_argument("--out", metavar="FILE.json", help="also write the result here")
+    p.set_defaults(handler=_run_clusters)
+
+
+def _run_clusters(args: argparse.Namespace) -> int:
+    from medssl_kit.train.feature_clusters import ClusterConfig, feature_clusters
+
+    cfg = ClusterConfig(
+        profile=args.profile,
+        features=args.features,
+        backbone=args.backbone,
+        split=args.split,
+        k=args.k,
+        seed=args.seed,
+    )
+    result = feature_clusters(args.init, args.manifest, cfg, out=args.out)
+    nmi, ref = result["nmi"], result["reference"]
+    print(
+        f"{args.init} ({args.features}, {result['pixels']} pixels of {result['slices']} slices, "
+        f"k={args.k}): NMI with organ {nmi['organ']:.3f}, position {nmi['position']:.3f}, "
+        f"intensity {nmi['intensity']:.3f}; organ with position {ref['position']:.3f}, "
+        f"with intensity {ref['intensity']:.3f}"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 # export
 
 
@@ -575,6 +622,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_import_msd,
     _add_pretrain,
     _add_finetune,
+    _add_clusters,
     _add_export,
     _add_report,
     _add_run,

@@ -226,7 +226,7 @@ def finetune(
     if not test_vols:
         raise MedsslError(f"manifest '{manifest.display_path}' has no labelled case in 'test'")
 
-    model, method, key_report = _build_model(init, manifest, cfg)
+    model, method, key_report = build_model(init, manifest, cfg)
     task = _Task.make(cfg, manifest, model)
     if isinstance(model, _KnnSegmenter):
         model.fit(SliceDataset(train_vols, context=cfg.context, with_label=True), manifest)
@@ -420,7 +420,16 @@ def model_backbone(model: nn.Module) -> nn.Module:
     return model.backbone if isinstance(model, (_Classifier, _KnnSegmenter)) else model
 
 
-def _build_model(init, manifest: Manifest, cfg: FinetuneConfig):
+def build_model(
+    init: str | Path, manifest: Manifest, cfg: FinetuneConfig
+) -> tuple[nn.Module, str, KeyReport | None]:
+    """The model a run of ``cfg`` (resolved) starts from: ``(model, method, key_report)``.
+
+    ``init`` is ``"scratch"`` or a run folder whose transferable weights are loaded (``method``
+    names where they come from, ``key_report`` what matched); ``model`` is the segmentation
+    backbone, or for ``mode`` ``classify`` / ``knn`` the classifier / frozen kNN segmenter
+    around it.
+    """
     in_channels = manifest.num_channels * (2 * cfg.context + 1 if cfg.dims == 2 else 1)
     out_channels = manifest.num_classes
     method, report = "scratch", None
@@ -467,7 +476,7 @@ def _param_groups(
     loaded_names = set(key_report.matched) if key_report else set()
     loaded = {id(p) for name, p in model_backbone(model).named_parameters() if name in loaded_names}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if cfg.pretrained_lr_scale in (0, 1):  # 0: _build_model froze the loaded weights
+    if cfg.pretrained_lr_scale in (0, 1):  # 0: build_model froze the loaded weights
         return [{"params": trainable}]
     groups = [
         {"params": [p for p in trainable if id(p) not in loaded]},
