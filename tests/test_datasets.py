@@ -7,8 +7,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medssl_kit.data.datasets import PatchDataset, SliceDataset, SliceSequenceDataset
+from medssl_kit.data.datasets import (
+    PatchDataset,
+    SliceDataset,
+    SliceSequenceDataset,
+    load_volumes,
+)
 from medssl_kit.data.io import CaseVolume
+from medssl_kit.data.manifest import load_manifest
 from medssl_kit.errors import ManifestError
 
 
@@ -210,3 +216,15 @@ def test_patch_foreground_falls_back_when_absent():
     vol.label.zero_()
     ds = PatchDataset([vol], (8, 8, 8), samples_per_volume=20, foreground_ratio=1.0)
     assert not any(ds[i]["foreground"] for i in range(len(ds)))
+
+
+def test_load_volumes_reads_only_the_named_cases(tiny_phantom):
+    manifest = load_manifest(tiny_phantom)
+    train = [c.id for c in manifest.cases if c.split == "train"]
+    wanted = [train[2], train[0]]
+    vols = load_volumes(manifest, ["train"], case_ids=wanted)
+    assert [v.case_id for v in vols] == [train[0], train[2]]  # manifest order
+    assert torch.equal(vols[1].image, load_volumes(manifest, ["train"])[2].image)
+    test_case = next(c.id for c in manifest.cases if c.split == "test")
+    with pytest.raises(ManifestError, match=f"'{test_case}'.*not in split"):
+        load_volumes(manifest, ["train"], case_ids=[train[0], test_case])

@@ -121,8 +121,12 @@ def load_volumes(
     target_spacing: Sequence[float] | None = None,
     cache_dir: str | Path | None = None,
     workers: int = 1,
+    case_ids: Sequence[str] | None = None,
 ) -> list[CaseVolume]:
     """Decode and preprocess every case of the given splits once, in manifest order.
+
+    ``case_ids`` restricts that to the named cases (each must be in one of the splits), so a few
+    labelled cases can be read from a large pool without decoding the rest.
 
     ``target_spacing`` (z, y, x) mm defaults to the manifest's. With ``cache_dir``, preprocessed
     tensors are stored there (one ``.pt`` file per case, written atomically) and reused while the
@@ -139,6 +143,14 @@ def load_volumes(
     target = target_spacing if target_spacing is not None else manifest.target_spacing
     cache = None if cache_dir is None else Path(cache_dir)
     cases = [c for c in manifest.cases if c.split in names]
+    if case_ids is not None:
+        wanted = set(case_ids)
+        missing = sorted(wanted - {c.id for c in cases})
+        if missing:
+            raise ManifestError(
+                f"case(s) {missing} are not in split(s) {names}", path=manifest.path
+            )
+        cases = [c for c in cases if c.id in wanted]
 
     def one(case: Case) -> CaseVolume | ManifestError:
         entry = None if cache is None else _cache_file(cache, case, manifest, target)

@@ -219,8 +219,7 @@ def finetune(
     torch.manual_seed(cfg.seed)
 
     labeled_ids = choose_labeled_cases(manifest, cfg.labeled, cfg.seed, cfg.train_split)
-    chosen = set(labeled_ids)
-    train_vols = [v for v in load_volumes(manifest, [cfg.train_split]) if v.case_id in chosen]
+    train_vols = load_volumes(manifest, [cfg.train_split], case_ids=labeled_ids)
     val_vols = [v for v in load_volumes(manifest, ["val"]) if v.label is not None]
     test_vols = [v for v in load_volumes(manifest, ["test"]) if v.label is not None]
     if not test_vols:
