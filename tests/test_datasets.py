@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from medssl_kit.data.datasets import (
     PatchDataset,
     SliceDataset,
     SliceSequenceDataset,
+    known_labels,
     load_volumes,
 )
 from medssl_kit.data.io import CaseVolume
@@ -228,3 +231,20 @@ def test_load_volumes_reads_only_the_named_cases(tiny_phantom):
     test_case = next(c.id for c in manifest.cases if c.split == "test")
     with pytest.raises(ManifestError, match=f"'{test_case}'.*not in split"):
         load_volumes(manifest, ["train"], case_ids=[train[0], test_case])
+
+
+def test_known_labels_blank_ignored_voxels_and_classes_a_case_does_not_label(
+    tiny_phantom, tmp_path
+):
+    raw = json.loads(tiny_phantom.read_text())
+    raw["base_dir"] = str(tiny_phantom.parent)
+    raw["sources"] = {"A": [1, 7]}
+    raw["cases"][0]["source"] = "A"
+    (tmp_path / "m.json").write_text(json.dumps(raw))
+    manifest = load_manifest(tmp_path / "m.json")
+    label = torch.tensor([[0, 1, 2], [7, 255, 3]], dtype=torch.uint8)
+    partial = known_labels(label, manifest, raw["cases"][0]["id"])
+    assert partial.dtype == torch.int64
+    assert partial.tolist() == [[0, 1, -1], [7, -1, -1]]
+    full = known_labels(label, manifest, raw["cases"][1]["id"])
+    assert full.tolist() == [[0, 1, 2], [7, -1, 3]]

@@ -176,6 +176,14 @@ def load_volumes(
     return [r for r in results if isinstance(r, CaseVolume)]
 
 
+def known_labels(label: torch.Tensor, manifest: Manifest, case_id: str) -> torch.Tensor:
+    """``label`` as int64 with −1 wherever it is not known: ignored voxels and classes the case
+    does not annotate (partially labelled data) — only background and its labelled classes stay."""
+    label = label.long()
+    known = torch.tensor([0, *manifest.labelled_classes(manifest.get_case(case_id))])
+    return torch.where(torch.isin(label, known), label, -1)
+
+
 # --------------------------------------------------------------------------------------------
 # Datasets
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from medssl_kit.data.datasets import SliceDataset, load_volumes
+from medssl_kit.data.datasets import SliceDataset, known_labels, load_volumes
 from medssl_kit.data.manifest import Manifest, load_manifest
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.clustering import (
@@ -151,9 +151,5 @@ def _slices(m: Manifest, cfg: ClusterConfig) -> tuple[torch.Tensor, torch.Tensor
             f"split '{cfg.split}' mixes slice sizes {sorted(sizes)}; resample the cases to one "
             "grid (the manifest's target spacing) before clustering their features"
         )
-    labels = []
-    for item in items:
-        known = torch.tensor([0, *m.labelled_classes(m.get_case(item["case_id"]))])
-        label = item["label"][0].long()
-        labels.append(torch.where(torch.isin(label, known), label, -1))
+    labels = [known_labels(item["label"][0], m, item["case_id"]) for item in items]
     return torch.stack([item["image"] for item in items]), torch.stack(labels)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from medssl_kit import __version__
 from medssl_kit.atomic import atomic_write_text
 from medssl_kit.config import get_profile
-from medssl_kit.data.datasets import PatchDataset, SliceDataset, load_volumes
+from medssl_kit.data.datasets import PatchDataset, SliceDataset, known_labels, load_volumes
 from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.manifest import Manifest, load_manifest
 from medssl_kit.data.views import (
@@ -382,12 +382,9 @@ class _KnnSegmenter(nn.Module):
         self.backbone.eval()
         items = [slices[i] for i in range(len(slices))]  # read each slice once
         labels = []
-        for item in items:
-            label = item["label"].flatten().long()
-            case = manifest.get_case(item["case_id"])
-            known = torch.tensor([0, *manifest.labelled_classes(case)])
-            labels.append(torch.where(torch.isin(label, known), label, -1))
-        labels = torch.stack(labels)  # [slices, pixels]
+        labels = torch.stack(
+            [known_labels(item["label"].flatten(), manifest, item["case_id"]) for item in items]
+        )  # [slices, pixels]
         flat = labels.flatten()
         valid = (flat >= 0).nonzero().flatten()
         g = torch.Generator().manual_seed(self.seed)
