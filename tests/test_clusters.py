@@ -134,3 +134,25 @@ def test_cli_clusters_a_random_network(tiny_phantom, tmp_path, capsys):
         feature_clusters(
             "scratch", tmp_path / "m.json", ClusterConfig(profile="smoke", split="val")
         )
+
+
+def test_feature_clusters_leave_out_ignored_pixels(tiny_phantom, monkeypatch):
+    """Ignored pixels are unknown, not background: they stay out of the organ factor and of the
+    clustered pixels."""
+    monkeypatch.setattr(
+        fc, "build_model", lambda *a, **k: (_Reader(_intensity_features), "fake", None)
+    )
+    cfg = ClusterConfig(profile="smoke", pixel_fraction=1.0, restarts=1, k=4)
+    full = feature_clusters("scratch", tiny_phantom, cfg)
+    load = fc.load_volumes
+
+    def with_ignored_rows(manifest, splits):
+        vols = load(manifest, splits)
+        for v in vols:
+            v.label[..., : v.label.shape[-2] // 2, :] = manifest.ignore_index
+        return vols
+
+    monkeypatch.setattr(fc, "load_volumes", with_ignored_rows)
+    half = feature_clusters("scratch", tiny_phantom, cfg)
+    assert half["slices"] == full["slices"]
+    assert 4 <= half["pixels"] < 0.8 * full["pixels"]

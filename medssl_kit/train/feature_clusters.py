@@ -90,8 +90,7 @@ def feature_clusters(
         profile=cfg.profile, mode="knn", backbone=cfg.backbone, knn_features=cfg.features
     ).resolved()
     torch.manual_seed(cfg.seed)
-    reader, method, _ = build_model(init, m, ft)
-    reader.eval()
+    reader, method, _ = build_model(init, m, ft)  # its backbone is in eval mode
     images, labels = _slices(m, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     body = (images > cfg.body_threshold).any(1)
