@@ -97,10 +97,16 @@ def test_knn_segmenter_labels_pixels_by_their_features(tiny_phantom):
     assert torch.equal(pred, item["label"][0].long())
 
 
-def test_knn_mode_trains_nothing_and_evaluates(tiny_phantom, tmp_path):
+def test_knn_mode_trains_nothing_and_evaluates(tiny_phantom, tmp_path, monkeypatch):
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("knn mode built an optimizer")
+
+    monkeypatch.setattr(torch.optim, "Adam", no_optimizer)
     cfg = FinetuneConfig(mode="knn", profile="smoke", labeled=1, knn_per_class=50)
     result = finetune("scratch", tiny_phantom, cfg, tmp_path / "knn", progress=False)
     assert result.summary["steps_run"] == 0 and result.summary["mode"] == "knn"
+    assert (result.run_dir / "metrics.jsonl").read_text() == ""
+    assert not (result.run_dir / "checkpoint.pt").exists()
     assert 0 <= result.summary["organ_dice"] <= 1 and (result.run_dir / "results.csv").is_file()
     with pytest.raises(MedsslError, match="knn run"):
         load_finetuned(result.run_dir)

@@ -229,28 +229,6 @@ def finetune(
     task = _Task.make(cfg, manifest, model)
     if isinstance(model, _KnnSegmenter):
         model.fit(SliceDataset(train_vols, context=cfg.context, with_label=True), manifest)
-    batches = task.batch_source(train_vols)
-
-    optimizer = torch.optim.Adam(
-        _param_groups(model, key_report, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.steps, power=0.9)
-    state = {"step": 0, "best_score": -math.inf, "best_step": 0, "bad_checks": 0, "stopped": False}
-    best_state = copy.deepcopy(model.state_dict())
-
-    metrics_path = out_dir / "metrics.jsonl"
-    if resuming:
-        ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        best_state = ckpt["best_model"]
-        state = ckpt["state"]
-        torch.set_rng_state(ckpt["rng"])
-        truncate_jsonl(metrics_path, state["step"])
-    else:
-        metrics_path.write_text("")
-
     write_json(
         out_dir / "config.json",
         {
@@ -265,50 +243,9 @@ def finetune(
             "version": __version__,
         },
     )
+    val_vols = val_vols or train_vols
+    state = _train(model, task, train_vols, val_vols, key_report, cfg, out_dir, resuming, progress)
 
-    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="fine-tune")
-    while state["step"] < cfg.steps and not state["stopped"]:
-        step = state["step"]
-        model.train()
-        task.set_train_modes(model)
-        inputs, target, labelled = batches(step)
-        loss = task.loss(model(inputs), target, labelled)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        state["step"] = step + 1
-        bar.update(1)
-        append_jsonl(
-            metrics_path,
-            {"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0]},
-        )
-        if state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps:
-            score = task.validate(model, val_vols or train_vols)
-            append_jsonl(metrics_path, {"step": state["step"], "val_score": score})
-            bar.set_postfix(val=f"{score:.3f}")
-            if score > state["best_score"]:
-                state.update(best_score=score, best_step=state["step"], bad_checks=0)
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                state["bad_checks"] += 1
-                state["stopped"] = state["bad_checks"] >= cfg.patience
-        last = state["stopped"] or state["step"] == cfg.steps
-        if state["step"] % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(
-                out_dir / CHECKPOINT_NAME,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "best_model": best_state,
-                    "state": state,
-                    "rng": torch.get_rng_state(),
-                },
-            )
-    bar.close()
-
-    model.load_state_dict(best_state)
     save_transferable(out_dir / "transferable.pt", model_backbone(model), method=method)
     rows, summary = task.evaluate(model, test_vols, out_dir)
     meta = {
@@ -334,6 +271,89 @@ def finetune(
     }
     write_json(out_dir / "summary.json", summary)
     return FinetuneResult(out_dir, summary, rows, key_report)
+
+
+def _train(
+    model: nn.Module,
+    task: _Task,
+    train_vols: list[CaseVolume],
+    val_vols: list[CaseVolume],
+    key_report: KeyReport | None,
+    cfg: FinetuneConfig,
+    out_dir: Path,
+    resuming: bool,
+    progress: bool,
+) -> dict:
+    """Train ``model`` for ``cfg.steps`` (none in knn mode), validating on ``val_vols`` every
+    ``cfg.val_every`` steps; leaves the best validated weights in ``model`` and returns the loop's
+    state (``step``, ``best_score``, ``best_step``, ``bad_checks``, ``stopped``)."""
+    metrics_path = out_dir / "metrics.jsonl"
+    state = {"step": 0, "best_score": -math.inf, "best_step": 0, "bad_checks": 0, "stopped": False}
+    if not cfg.steps:
+        metrics_path.write_text("")
+        return state
+    batches = task.batch_source(train_vols)
+    optimizer = torch.optim.Adam(
+        _param_groups(model, key_report, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.steps, power=0.9)
+    best_state = copy.deepcopy(model.state_dict())
+    if resuming:
+        ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        best_state = ckpt["best_model"]
+        state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"])
+        truncate_jsonl(metrics_path, state["step"])
+    else:
+        metrics_path.write_text("")
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="fine-tune")
+    while state["step"] < cfg.steps and not state["stopped"]:
+        step = state["step"]
+        model.train()
+        task.set_train_modes(model)
+        inputs, target, labelled = batches(step)
+        loss = task.loss(model(inputs), target, labelled)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state["step"] = step + 1
+        bar.update(1)
+        append_jsonl(
+            metrics_path,
+            {"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0]},
+        )
+        if state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps:
+            score = task.validate(model, val_vols)
+            append_jsonl(metrics_path, {"step": state["step"], "val_score": score})
+            bar.set_postfix(val=f"{score:.3f}")
+            if score > state["best_score"]:
+                state.update(best_score=score, best_step=state["step"], bad_checks=0)
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                state["bad_checks"] += 1
+                state["stopped"] = state["bad_checks"] >= cfg.patience
+        last = state["stopped"] or state["step"] == cfg.steps
+        if state["step"] % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(
+                out_dir / CHECKPOINT_NAME,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_model": best_state,
+                    "state": state,
+                    "rng": torch.get_rng_state(),
+                },
+            )
+    bar.close()
+
+    model.load_state_dict(best_state)
+    return state
 
 
 class _Classifier(nn.Module):
