@@ -135,6 +135,20 @@ def test_nonlinear_intensity_is_a_monotone_map_of_unit_range() -> None:
     assert (never.diff() >= -1e-12).all()
 
 
+def test_intensity_lookup_passes_through_its_knots_and_may_invert_order() -> None:
+    table = (0.9, 0.1, 0.6)  # knots at 0, 0.5, 1
+    x = torch.tensor([[-0.2, 0.0, 0.25, 0.5, 0.75, 1.0, 1.3]], dtype=torch.float64)
+    expected = torch.tensor([[0.9, 0.9, 0.5, 0.1, 0.35, 0.6, 0.6]], dtype=torch.float64)
+    torch.testing.assert_close(augment.intensity_lookup(x, table), expected)
+    # Brighter in, darker out: 0.25 < 0.5 but maps above it.
+    out = augment.intensity_lookup(x, table)
+    assert out[0, 2] > out[0, 3]
+    image = unique_image((24, 32)).float()
+    assert augment.intensity_lookup(image, table).dtype == torch.float32
+    with pytest.raises(ValueError, match="2 knots"):
+        augment.intensity_lookup(x, (0.5,))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_local_pixel_shuffle_permutes_within_blocks(shape: tuple[int, ...]) -> None:
     x = unique_image(shape)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medssl_kit.data import augment
 from medssl_kit.data.augment import Box
 from medssl_kit.data.views import (
     PCRLV2_GLOBAL_SIZES,
@@ -292,6 +293,39 @@ def test_intensity_never_moves_pixels(dims: int) -> None:
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+def test_intensity_remap(dims: int) -> None:
+    """The random lookup table is drawn after the other intensity values, applied first, pointwise
+    and replayed; a view of an intensity ramp shows the table's knot values."""
+    image = coord_image(SHAPES[dims][0])[-1:] / (SHAPES[dims][0][-1] - 1)  # 0 .. 1 along x
+    base = _intensity_spec(dims, blur_prob=0.0, noise_prob=0.0)
+    remapped = dataclasses.replace(base, remap_prob=1.0, remap_knots=5)
+    tables = set()
+    for seed in SEEDS:
+        plain = sample_view_pair(image, base, torch.Generator().manual_seed(seed))
+        pair = sample_view_pair(image, remapped, torch.Generator().manual_seed(seed))
+        assert pair.spatial1 == plain.spatial1 and pair.spatial2 == plain.spatial2
+        without = dataclasses.replace(pair.intensity1, remap=())
+        assert without == plain.intensity1 and len(pair.intensity1.remap) == 5
+        assert pair.intensity1.remap != pair.intensity2.remap
+        tables.add(pair.intensity1.remap)
+        looked_up = augment.intensity_lookup(
+            apply_spatial(image, pair.spatial1)[0], pair.intensity1.remap
+        )
+        expected = apply_intensity(looked_up, without)
+        torch.testing.assert_close(pair.view1, expected)
+        torch.testing.assert_close(replay(pair, image).view1, pair.view1, rtol=0, atol=0)
+    assert len(tables) == len(SEEDS)
+    ramp = torch.linspace(0, 1, 9, dtype=torch.float64)[None]
+    table = (0.2, 0.9, 0.0, 0.5, 0.7)
+    out = apply_intensity(ramp, IntensityParams(remap=table))
+    torch.testing.assert_close(out[0, ::2], torch.tensor(table, dtype=torch.float64))
+    assert not (out.diff() >= 0).all()  # not monotone
+    off = dataclasses.replace(base, remap_prob=0.0, remap_knots=3)
+    pair = sample_view_pair(image, off, torch.Generator().manual_seed(0))
+    assert pair.intensity1.remap == () and pair.intensity2.remap == ()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
 def test_replay(dims: int) -> None:
     """(5) Replay reuses every parameter, noise included, on another image of the same shape."""
     shape = SHAPES[dims][0]
@@ -440,5 +474,9 @@ def test_spec_validation() -> None:
         ViewSpec(size=(32, 32), scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="flip_prob"):
         ViewSpec(size=(32, 32), flip_prob=1.5)
+    with pytest.raises(ValueError, match="remap_prob"):
+        ViewSpec(size=(32, 32), remap_prob=-0.1)
+    with pytest.raises(ValueError, match="remap_knots"):
+        ViewSpec(size=(32, 32), remap_knots=1)
     with pytest.raises(ValueError, match="spatial shape"):
         sample_spatial((32, 32, 32), ViewSpec(size=(16, 16)), torch.Generator())

@@ -250,6 +250,23 @@ def nonlinear_intensity(
     return out.to(device=x.device, dtype=x.dtype)
 
 
+def intensity_lookup(x: Tensor, values: Sequence[float]) -> Tensor:
+    """Map [0, 1] data through a piecewise-linear lookup table with evenly spaced knots.
+
+    Knot ``k`` of ``K = len(values)`` sits at ``k / (K - 1)`` and maps to ``values[k]``; between
+    knots the map is linear. With random ``values`` the map is not monotone, so it changes which
+    tissue is brighter than which (the per-class intensity randomisation of SynthSeg, Billot et
+    al. 2023, applied to the whole intensity range instead of label maps). Input values are
+    clipped to [0, 1]; every voxel keeps its place.
+    """
+    if len(values) < 2:
+        raise ValueError(f"a lookup table needs at least 2 knots, got {len(values)}")
+    fp = torch.tensor(values, dtype=torch.float64)
+    xp = torch.linspace(0.0, 1.0, fp.numel(), dtype=torch.float64)
+    out = _interp(x.detach().to("cpu", torch.float64).clamp(0.0, 1.0), xp, fp)
+    return out.to(device=x.device, dtype=x.dtype)
+
+
 # --- local corruptions --------------------------------------------------------------------------
 
 

@@ -108,6 +108,11 @@ class ViewSpec:
             ``zoom ** -dims`` of the crop), ``< 1`` zooms out (the view extends beyond the crop).
     Intensity (never moves a pixel; data assumed in [0, 1], see :mod:`medssl_kit.data.augment`),
     each applied with its probability, in this order:
+        remap_prob, remap_knots: a random lookup table
+            (:func:`~medssl_kit.data.augment.intensity_lookup`), ``remap_knots`` evenly spaced
+            knots of [0, 1] with values uniform in [0, 1]: a non-monotone remapping that changes
+            which tissue is brighter than which, so that two views can only be matched by
+            structure, not brightness. Off by default (no method's paper uses it).
         gamma, gamma_prob: gamma exponent range.
         contrast, contrast_prob: contrast factor range (about the view's channel mean).
         brightness, brightness_prob: additive shift, uniform in ``[-brightness, brightness]``.
@@ -122,6 +127,8 @@ class ViewSpec:
     rot90_prob: float = 0.5
     max_rotation_deg: float = 10.0
     zoom: tuple[float, float] = (1.0, 1.0)
+    remap_prob: float = 0.0
+    remap_knots: int = 8
     gamma: tuple[float, float] = (0.7, 1.5)
     gamma_prob: float = 0.5
     contrast: tuple[float, float] = (0.75, 1.25)
@@ -143,7 +150,9 @@ class ViewSpec:
         _check_range("gamma", self.gamma, 1e-9, math.inf)
         _check_range("contrast", self.contrast, 0.0, math.inf)
         _check_range("blur_sigma", self.blur_sigma, 0.0, math.inf)
-        for name in ("flip", "rot90", "gamma", "contrast", "brightness", "blur", "noise"):
+        if int(self.remap_knots) != self.remap_knots or self.remap_knots < 2:
+            raise ValueError(f"remap_knots must be an integer >= 2, got {self.remap_knots}")
+        for name in ("flip", "rot90", "remap", "gamma", "contrast", "brightness", "blur", "noise"):
             p = getattr(self, f"{name}_prob")
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name}_prob must be in [0, 1], got {p}")
@@ -208,11 +217,13 @@ class SpatialParams:
 class IntensityParams:
     """Drawn intensity augmentation values of one view; the defaults are the identity.
 
-    ``gamma`` exponent, ``contrast`` factor, ``brightness`` shift (intensity units),
-    ``blur_sigma`` (view pixels, 0 = none), ``noise_std`` (0 = none) and the seed of the noise
-    field, so that replaying gives the same noise.
+    ``remap`` (the lookup table's knot values, empty = none), ``gamma`` exponent, ``contrast``
+    factor, ``brightness`` shift (intensity units), ``blur_sigma`` (view pixels, 0 = none),
+    ``noise_std`` (0 = none) and the seed of the noise field, so that replaying gives the same
+    noise.
     """
 
+    remap: tuple[float, ...] = ()
     gamma: float = 1.0
     contrast: float = 1.0
     brightness: float = 0.0
@@ -405,7 +416,8 @@ def sample_intensity(spec: ViewSpec, generator: torch.Generator) -> IntensityPar
 
     Per operation (gamma, contrast, brightness, blur, noise) one draw decides whether it applies
     and one draws its value (the noise seed for noise), whether it applies or not, so changing one
-    setting does not shift the others' draws.
+    setting does not shift the others' draws. The lookup table is drawn last and only when
+    ``remap_prob > 0``, so views without it are the ones drawn before it existed.
     """
 
     def draw(prob: float, low: float, high: float, identity: float) -> float:
@@ -419,7 +431,13 @@ def sample_intensity(spec: ViewSpec, generator: torch.Generator) -> IntensityPar
     blur_sigma = draw(spec.blur_prob, *spec.blur_sigma, identity=0.0)
     noise = uniform(generator, 0.0, 1.0) < spec.noise_prob
     seed = randint(generator, 0, 2**62)
+    remap: tuple[float, ...] = ()
+    if spec.remap_prob > 0:
+        applied = uniform(generator, 0.0, 1.0) < spec.remap_prob
+        table = tuple(uniform(generator, 0.0, 1.0) for _ in range(int(spec.remap_knots)))
+        remap = table if applied else ()
     return IntensityParams(
+        remap=remap,
         gamma=gamma,
         contrast=contrast,
         brightness=brightness,
@@ -468,13 +486,16 @@ def apply_spatial(
 
 
 def apply_intensity(view: Tensor, params: IntensityParams) -> Tensor:
-    """Apply drawn intensity values to ``view[C, *V]``: gamma, contrast, brightness, blur, noise.
+    """Apply drawn intensity values to ``view[C, *V]``: lookup table, gamma, contrast, brightness,
+    blur, noise.
 
     Uses the primitives of :mod:`medssl_kit.data.augment`; identity values are skipped. The noise
     field comes from a fresh generator seeded with ``params.noise_seed``, so replays match.
     No operation moves a pixel: all are pointwise except the blur, whose kernel is symmetric.
     """
     out = view
+    if params.remap:
+        out = augment.intensity_lookup(out, params.remap)
     if params.gamma != 1.0:
         out = augment.gamma(out, params.gamma)
     if params.contrast != 1.0:
