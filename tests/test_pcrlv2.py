@@ -19,7 +19,7 @@ from medssl_kit.losses.pcrlv2 import (
     restoration_loss,
     siamese_comparison_loss,
 )
-from medssl_kit.methods.pcrlv2 import PCRLv2
+from medssl_kit.methods.pcrlv2 import Corruption, PCRLv2
 from medssl_kit.methods.registry import get_method
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
@@ -242,6 +242,38 @@ def test_restoration_targets_are_uncorrupted(dims):
     assert torch.equal(a["level"], b["level"])
     assert b["local_inputs"].shape == a["local_inputs"].shape
     assert not torch.equal(a["local_inputs"], b["local_inputs"])
+
+
+def test_remap_corrupts_the_inputs_only_through_a_lookup_table():
+    plain, remapped = _method(2), _method(2, remap_prob=1.0)
+    a, b = _batch(plain, 3), _batch(remapped, 3)
+    assert torch.equal(a["global_targets"], b["global_targets"]) and torch.equal(
+        a["level"], b["level"]
+    )
+    assert not torch.equal(a["global_inputs"], b["global_inputs"])
+    assert not torch.equal(a["local_inputs"], b["local_inputs"])
+    # The table alone (every other corruption off) on a ramp through its 5 knots: piecewise linear
+    # between the knots, values in [0, 1], and for some draws not monotone.
+    remapped.corruption = Corruption(
+        gamma_prob=0.0,
+        gamma=(1.0, 1.0),
+        blur_prob=0.0,
+        blur_sigma=(0.0, 0.0),
+        noise_prob=0.0,
+        noise_std=(0.0, 0.0),
+        remap_prob=1.0,
+        remap_knots=5,
+    )
+    ramp = torch.linspace(0, 1, 9, dtype=torch.float64).reshape(1, 1, 9)
+    monotone = []
+    for seed in range(6):
+        out = remapped._corrupt(ramp, torch.Generator().manual_seed(seed), is_global=False)[0, 0]
+        torch.testing.assert_close(out[1::2], (out[:-1:2] + out[2::2]) / 2)
+        assert out.min() >= 0 and out.max() <= 1 and not torch.equal(out, ramp[0, 0])
+        monotone.append(bool((out.diff() >= 0).all() or (out.diff() <= 0).all()))
+    assert not all(monotone)
+    with pytest.raises(MedsslError, match="remap_prob"):
+        _method(2, remap_prob=1.5)
 
 
 def test_batches_are_reproducible_and_2d_volumes_give_slices(tiny_phantom):

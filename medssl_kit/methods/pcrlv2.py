@@ -42,7 +42,10 @@ Settings (``cfg``; defaults from :meth:`PCRLv2.default_config`):
     their bounding box.
 ``deep_supervision`` (bool), ``n_local``, ``global_scale``, ``local_scale``, ``iou_min``,
 ``crop_size`` / ``local_size`` (2D view sizes), ``patch_size`` / ``local_size_3d`` (3D),
-``corruption`` (bool: off gives inputs equal to targets), ``local_reduction`` ("mean" over
+``corruption`` (bool: off gives inputs equal to targets), ``remap_prob`` (not in the paper, 0 by
+default: the probability that a view's input first goes through a random non-monotone intensity
+lookup table, :func:`~medssl_kit.data.augment.intensity_lookup`, which restoration must then undo
+from structure, since brightness no longer names a tissue), ``local_reduction`` ("mean" over
 the 12 global–local pairs as in the public code, the default, or "sum" as eq. 10 is written;
 see "Weight of the global–local comparison" below).
 ``transfer`` ("encoder" or "encoder_decoder")
@@ -102,7 +105,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -149,6 +152,7 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "local_scale": (0.05, 0.3),
     "iou_min": 0.3,
     "corruption": True,
+    "remap_prob": 0.0,
     "local_reduction": "mean",
     "local_size": (48, 48),
     "local_size_3d": (16, 16, 16),
@@ -175,7 +179,8 @@ class Corruption:
     ``gamma``), Gaussian blur (σ uniform in ``blur_sigma`` voxels), Gaussian noise (σ uniform in
     ``noise_std``); then, on the global views only, ``cutout_boxes`` boxes of ``cutout_fraction``
     of each side set to 0 (2D) or ``swap_iterations`` swaps of ``swap_patch`` voxel patches (3D;
-    the count scales with the view's volume relative to the paper's 64²×32).
+    the count scales with the view's volume relative to the paper's 64²×32). Before all of them,
+    with ``remap_prob`` (not in the paper), a random lookup table of ``remap_knots`` knots.
     """
 
     gamma_prob: float
@@ -190,6 +195,8 @@ class Corruption:
     swap_prob: float = 0.0
     swap_iterations: int = 100
     swap_patch: tuple[int, int, int] = (4, 4, 8)
+    remap_prob: float = 0.0
+    remap_knots: int = 8
 
 
 CORRUPTION: dict[int, Corruption] = {
@@ -298,7 +305,13 @@ class PCRLv2(PretrainMethod):
         self.transfer = c["transfer"]
         self.n_local = int(c["n_local"]) if self.comparison else 0
         self.iou_min = float(c["iou_min"])
-        self.corruption = CORRUPTION[self.dims] if c["corruption"] else None
+        if not 0.0 <= float(c["remap_prob"]) <= 1.0:
+            raise MedsslError(f"pcrlv2: remap_prob must be in [0, 1], got {c['remap_prob']}")
+        self.corruption = (
+            replace(CORRUPTION[self.dims], remap_prob=float(c["remap_prob"]))
+            if c["corruption"]
+            else None
+        )
         sizes = (
             (c["crop_size"], c["local_size"])
             if self.dims == 2
@@ -495,7 +508,8 @@ class PCRLv2(PretrainMethod):
         )
 
     def _corrupt(self, view: Tensor, generator: torch.Generator, is_global: bool) -> Tensor:
-        """Apply :data:`CORRUPTION` (every value is drawn, applied or not: a stable stream)."""
+        """Apply :data:`CORRUPTION` (every value is drawn, applied or not: a stable stream; the
+        lookup table's values only when ``remap_prob > 0``, so runs without it keep theirs)."""
         spec = self.corruption
         if spec is None:
             return view.clone()
@@ -509,6 +523,11 @@ class PCRLv2(PretrainMethod):
         gamma = draw(spec.gamma_prob, *spec.gamma)
         sigma = draw(spec.blur_prob, *spec.blur_sigma)
         std = draw(spec.noise_prob, *spec.noise_std)
+        if spec.remap_prob > 0:
+            remap = uniform(generator, 0.0, 1.0) < spec.remap_prob
+            table = [uniform(generator, 0.0, 1.0) for _ in range(spec.remap_knots)]
+            if remap:
+                out = augment.intensity_lookup(out, table)
         if gamma is not None:
             out = augment.gamma(out, gamma)
         if sigma is not None and sigma > 0:
