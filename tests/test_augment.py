@@ -149,6 +149,14 @@ def test_intensity_lookup_passes_through_its_knots_and_may_invert_order() -> Non
         augment.intensity_lookup(x, (0.5,))
 
 
+def test_random_lookup_table_draws_one_uniform_per_knot() -> None:
+    table = augment.random_lookup_table(gen(3), 8)
+    reference = gen(3)
+    assert table == tuple(augment.uniform(reference, 0.0, 1.0) for _ in range(8))
+    assert len(set(table)) == 8 and all(0.0 <= v < 1.0 for v in table)
+    assert augment.random_lookup_table(gen(4), 8) != table
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_local_pixel_shuffle_permutes_within_blocks(shape: tuple[int, ...]) -> None:
     x = unique_image(shape)

@@ -267,6 +267,11 @@ def intensity_lookup(x: Tensor, values: Sequence[float]) -> Tensor:
     return out.to(device=x.device, dtype=x.dtype)
 
 
+def random_lookup_table(generator: torch.Generator, knots: int) -> tuple[float, ...]:
+    """Knot values for :func:`intensity_lookup`, each uniform in [0, 1], drawn in knot order."""
+    return tuple(uniform(generator, 0.0, 1.0) for _ in range(int(knots)))
+
+
 # --- local corruptions --------------------------------------------------------------------------
 
 

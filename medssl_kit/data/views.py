@@ -434,7 +434,7 @@ def sample_intensity(spec: ViewSpec, generator: torch.Generator) -> IntensityPar
     remap: tuple[float, ...] = ()
     if spec.remap_prob > 0:
         applied = uniform(generator, 0.0, 1.0) < spec.remap_prob
-        table = tuple(uniform(generator, 0.0, 1.0) for _ in range(int(spec.remap_knots)))
+        table = augment.random_lookup_table(generator, spec.remap_knots)
         remap = table if applied else ()
     return IntensityParams(
         remap=remap,

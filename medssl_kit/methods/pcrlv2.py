@@ -525,7 +525,7 @@ class PCRLv2(PretrainMethod):
         std = draw(spec.noise_prob, *spec.noise_std)
         if spec.remap_prob > 0:
             remap = uniform(generator, 0.0, 1.0) < spec.remap_prob
-            table = [uniform(generator, 0.0, 1.0) for _ in range(spec.remap_knots)]
+            table = augment.random_lookup_table(generator, spec.remap_knots)
             if remap:
                 out = augment.intensity_lookup(out, table)
         if gamma is not None:
