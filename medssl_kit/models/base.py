@@ -98,6 +98,30 @@ class BackboneMixin:
         return {k: v for k, v in state.items() if k.startswith(self.encoder_prefixes)}
 
 
+class LevelStackMixin:
+    """``n_levels`` and ``encode`` for backbones whose encoder is an ``nn.ModuleList`` of levels,
+    the first at full resolution and each next one 2× smaller (``unet``, ``fpn``)."""
+
+    encoder: nn.ModuleList
+    spatial_dims: int
+    in_channels: int
+    name: ClassVar[str]
+
+    @property
+    def n_levels(self) -> int:
+        """Number of resolution levels (encoder blocks)."""
+        return len(self.encoder)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """Encoder features, full resolution first, bottleneck (``2**(n-1)``× smaller) last."""
+        check_input(x, self.spatial_dims, self.in_channels, 2 ** (self.n_levels - 1), self.name)
+        feats = []
+        for level in self.encoder:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+
 @contextmanager
 def batch_statistics(module: nn.Module) -> Iterator[None]:
     """Inside the block, every batch-norm layer of ``module`` normalises with the statistics of

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from medssl_kit.models.base import (
     BackboneFeatures,
     BackboneMixin,
+    LevelStackMixin,
     check_group_norm,
-    check_input,
     monai_norm,
     pad_to_match,
 )
@@ -116,7 +116,7 @@ class LevelSumHead(nn.Module):
         return out
 
 
-class FPN(BackboneMixin, nn.Module):
+class FPN(LevelStackMixin, BackboneMixin, nn.Module):
     """vox2vec-style FPN with pre-activation residual blocks (see the module docstring).
 
     Args:
@@ -201,20 +201,6 @@ class FPN(BackboneMixin, nn.Module):
             ]
         )
         self.head = LevelSumHead(spatial_dims, channels, out_channels)
-
-    @property
-    def n_levels(self) -> int:
-        """Number of pyramid levels."""
-        return len(self.encoder)
-
-    def encode(self, x: Tensor) -> list[Tensor]:
-        """Bottom-up maps ``e_0 … e_{L-1}``, full resolution first."""
-        check_input(x, self.spatial_dims, self.in_channels, 2 ** (self.n_levels - 1), "fpn")
-        feats = []
-        for level in self.encoder:
-            x = level(x)
-            feats.append(x)
-        return feats
 
     def decode(self, encoder_feats: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Top-down pathway: pyramid ``p_{L-1} … p_0`` (coarsest first) and the head's logits."""

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from medssl_kit.models.base import (
     BackboneMixin,
+    LevelStackMixin,
     check_group_norm,
-    check_input,
     monai_norm,
     pad_to_match,
 )
@@ -125,7 +125,7 @@ class UpBlock(nn.Module):
         return self.convs(up)
 
 
-class UNet(BackboneMixin, nn.Module):
+class UNet(LevelStackMixin, BackboneMixin, nn.Module):
     """UNet for 2D/3D with switchable skips, decoder-only dropout and exposed feature pyramids.
 
     Args:
@@ -221,20 +221,6 @@ class UNet(BackboneMixin, nn.Module):
             )
         self.decoder = nn.ModuleList(blocks)
         self.head = Conv["conv", spatial_dims](channels[0], out_channels, kernel_size=1)
-
-    @property
-    def n_levels(self) -> int:
-        """Number of resolution levels (encoder blocks); the depth of the UNet."""
-        return len(self.encoder)
-
-    def encode(self, x: Tensor) -> list[Tensor]:
-        """Encoder features, full resolution first, bottleneck (``2**(n-1)``× smaller) last."""
-        check_input(x, self.spatial_dims, self.in_channels, 2 ** (self.n_levels - 1), "unet")
-        feats = []
-        for level in self.encoder:
-            x = level(x)
-            feats.append(x)
-        return feats
 
     def decode(self, encoder_feats: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Run the decoder and head on the encoder's features.
