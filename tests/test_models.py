@@ -316,6 +316,17 @@ def test_unet_rejects_bad_configs_and_inputs() -> None:
         ResUNet(2, 1, 2)(torch.randn(1, 1, 48, 64))
 
 
+@pytest.mark.parametrize("net", [UNet(2, 1, 2, channels=(8, 16, 32)), FPN(2, 1, 2, n_levels=3)])
+def test_level_stack_encoders_check_their_input_under_their_own_name(net) -> None:
+    with pytest.raises(ValueError, match=rf"^{net.name} needs every spatial side >= 4"):
+        net.encode(torch.randn(1, 1, 3, 32))
+    with pytest.raises(ValueError, match=rf"^{net.name} expects input of shape \[B, 1"):
+        net.encode(torch.randn(1, 2, 32, 32))
+    feats = net.encode(torch.randn(1, 1, 32, 32))
+    assert net.n_levels == 3
+    assert [f.shape[-1] for f in feats] == [32, 16, 8]
+
+
 @pytest.mark.parametrize("norm", ["batch", "instance", "group"])
 def test_unet_norms(norm: str) -> None:
     net = UNet(3, 1, 2, channels=(8, 8, 16, 16, 16), norm=norm, norm_groups=4).eval()
