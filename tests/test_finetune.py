@@ -15,6 +15,7 @@ from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.metrics import auroc
 from medssl_kit.models.export import KeyReport
 from medssl_kit.models.registry import build_backbone
+from medssl_kit.train import finetune as finetune_module
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import (
     FinetuneConfig,
@@ -290,3 +291,38 @@ def test_pretrained_lr_scale_groups_loaded_and_fresh_parameters():
     assert slow["lr"] == pytest.approx(2.5e-3) and "lr" not in fresh  # fresh: the base rate
     assert len(fresh["params"]) == len(names) - len(loaded)
     assert len(_param_groups(backbone, None, cfg)) == 1  # scratch: nothing was loaded
+
+
+def _logged_rates(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["lr"] for r in map(json.loads, lines) if "lr" in r]
+
+
+def test_warmup_ramps_the_rate_then_decays_and_resumes_on_schedule(
+    tiny_phantom, tmp_path, monkeypatch
+):
+    cfg = FinetuneConfig(**dict(FAST, steps=6, warmup_steps=3))
+    lr = cfg.resolved().lr
+    whole = finetune("scratch", tiny_phantom, cfg, tmp_path / "whole", progress=False)
+    # Each logged rate is the one the next step trains at: steps 1-3 at lr/3, 2lr/3, lr, then
+    # poly decay from lr over the last three steps.
+    expected = [2 * lr / 3, lr, lr, lr * (2 / 3) ** 0.9, lr * (1 / 3) ** 0.9, 0.0]
+    assert _logged_rates(whole.run_dir) == pytest.approx(expected, abs=1e-12)
+
+    original = finetune_module.save_checkpoint
+
+    def crash_after_step_2(path, payload):
+        original(path, payload)
+        if payload["state"]["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "save_checkpoint", crash_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune("scratch", tiny_phantom, cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(finetune_module, "save_checkpoint", original)
+    cut = finetune("scratch", tiny_phantom, cfg, tmp_path / "cut", resume=True, progress=False)
+    assert _logged_rates(cut.run_dir) == _logged_rates(whole.run_dir)
+    a, b = (read_transferable(r.run_dir)["state_dict"] for r in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(MedsslError, match="warmup_steps"):
+        FinetuneConfig(**dict(FAST, warmup_steps=4)).resolved()  # FAST trains 4 steps

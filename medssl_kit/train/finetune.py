@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LinearLR, LRScheduler, PolynomialLR, SequentialLR
 from tqdm.auto import tqdm
 
 from medssl_kit import __version__
@@ -114,6 +115,9 @@ class FinetuneConfig:
     # fine-tuning); 1.0: one rate for every weight, 0.0: the loaded weights stay frozen (their
     # batch-norm statistics still follow the fine-tuning data).
     pretrained_lr_scale: float = 1.0
+    # Steps of linear learning-rate warm-up before the poly decay; 0 (the profiles' recipe): the
+    # decay starts at the full rate on the first step.
+    warmup_steps: int = 0
     # knn mode: neighbours per vote, reference pixels drawn per class from the labelled cases,
     # and the features: "decoder" (the last, full-resolution decoder map) or "encoder" (every
     # encoder level, each L2-normalised and upsampled to full resolution, concatenated).
@@ -150,6 +154,11 @@ class FinetuneConfig:
         if not out.pretrained_lr_scale >= 0:
             raise MedsslError(f"pretrained_lr_scale must be >= 0, got {out.pretrained_lr_scale!r}")
         out.steps = 0 if out.mode == "knn" else out.steps or ft.steps
+        if out.steps and not 0 <= out.warmup_steps < out.steps:
+            raise MedsslError(
+                f"warmup_steps must be >= 0 and below the {out.steps} training steps, "
+                f"got {out.warmup_steps!r}"
+            )
         out.batch_size = out.batch_size or (ft.batch_size if out.dims == 2 else ft.batch_size_3d)
         out.lr = out.lr or ft.lr
         out.val_every = out.val_every or ft.val_every
@@ -296,7 +305,7 @@ def _train(
     optimizer = torch.optim.Adam(
         _param_groups(model, key_report, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.steps, power=0.9)
+    scheduler = _lr_schedule(optimizer, cfg)
     best_state = copy.deepcopy(model.state_dict())
     if resuming:
         ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
@@ -502,6 +511,18 @@ def _param_groups(
         },
     ]
     return [g for g in groups if g["params"]]
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig) -> LRScheduler:
+    """nnU-Net's poly decay (power 0.9) to zero at ``cfg.steps``, after ``cfg.warmup_steps`` of
+    linear warm-up (rate × (step + 1) / warmup_steps), when there are any."""
+    decay = PolynomialLR(optimizer, total_iters=cfg.steps - cfg.warmup_steps, power=0.9)
+    if not cfg.warmup_steps:
+        return decay
+    warmup = LinearLR(
+        optimizer, start_factor=1 / cfg.warmup_steps, total_iters=cfg.warmup_steps - 1
+    )
+    return SequentialLR(optimizer, [warmup, decay], milestones=[cfg.warmup_steps])
 
 
 def _freeze_all_but_head(backbone: nn.Module) -> None:
