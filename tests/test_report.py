@@ -22,7 +22,7 @@ from medssl_kit.evaluate.report import (
     to_markdown,
     wall_time_table,
 )
-from medssl_kit.evaluate.results import paired_wilcoxon, write_results
+from medssl_kit.evaluate.results import paired_wilcoxon, seeds_ahead, write_results
 
 
 def _rows():
@@ -61,6 +61,25 @@ def test_comparison_table_values_and_p():
     assert math.isnan(scratch["p_vs_scratch"])
     text = to_markdown(table)
     assert "| ssl | 1 | 0.767 ± 0.002 |" in text and text.count("\n") == 3
+    assert (ssl["seeds_ahead"], ssl["n_paired_seeds"]) == (3, 3)
+    assert "| 3/3 | 3 |" in text and "| – | – | 3 |" in text  # the baseline: no p, no count
+    older = to_markdown(table.drop(columns=["seeds_ahead", "n_paired_seeds"]))  # a saved table
+    assert "| ssl | 1 |" in older and "3/3" not in older
+
+
+def test_seeds_ahead_counts_per_seed_means_not_pairs():
+    # ssl is ahead on 3 of 4 cases of every seed but far behind on the 4th of seeds 1 and 2:
+    # most pairs favour it, yet its per-seed mean is ahead on seed 0 only.
+    df = _rows()
+    ssl = (df["method"] == "ssl") & (df["class_id"] != 7)
+    df.loc[ssl, "dice"] = df.loc[ssl, "dice"] - 0.04  # +0.01 on every pair
+    sunk = ssl & (df["case"] == "c3") & df["seed"].isin([1, 2])
+    df.loc[sunk, "dice"] = df.loc[sunk, "dice"] - 0.2
+    assert seeds_ahead(df, "ssl", "scratch", "dice", 1, classes=[1, 2]) == (1, 3)
+    test = paired_wilcoxon(df, "ssl", "scratch", "dice", 1, classes=[1, 2])
+    assert test["median_difference"] > 0  # what the pairs say
+    df2 = df[~((df["method"] == "ssl") & (df["seed"] == 2))]
+    assert seeds_ahead(df2, "ssl", "scratch", "dice", 1, classes=[1, 2]) == (1, 2)
 
 
 def test_cli_report(tmp_path, capsys):
