@@ -334,7 +334,8 @@ def seeds_ahead(
     better (HD95) the count is of the seeds where ``method`` is worse.
 
     Returns:
-        ``(ahead, seeds)``: seeds where ``method`` is strictly higher, and seeds with pairs.
+        ``(ahead, seeds)``: seeds where ``method`` is strictly higher, and seeds with pairs
+        (with ``labeled`` None, each budget's seeds count apart).
     """
     pairs = _pairs(df, method, baseline, metric, labeled, classes, per_class=False)
     per_seed = pairs.groupby(level=["labeled", "seed"]).mean()
