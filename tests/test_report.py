@@ -25,10 +25,10 @@ from medssl_kit.evaluate.report import (
 from medssl_kit.evaluate.results import paired_wilcoxon, seeds_ahead, write_results
 
 
-def _rows():
+def _rows(seeds=(0, 1, 2)):
     rows = []
     for method, gain in (("scratch", 0.0), ("ssl", 0.05)):
-        for seed in (0, 1, 2):
+        for seed in seeds:
             for case_index in range(4):
                 for class_id, name, base in ((1, "liver", 0.8), (2, "spleen", 0.6),
                                              (7, "liver_lesion", 0.1)):  # fmt: skip
@@ -62,9 +62,23 @@ def test_comparison_table_values_and_p():
     text = to_markdown(table)
     assert "| ssl | 1 | 0.767 ± 0.002 |" in text and text.count("\n") == 3
     assert (ssl["seeds_ahead"], ssl["n_paired_seeds"]) == (3, 3)
-    assert "| 3/3 | 3 |" in text and "| – | – | 3 |" in text  # the baseline: no p, no count
-    older = to_markdown(table.drop(columns=["seeds_ahead", "n_paired_seeds"]))  # a saved table
+    assert math.isnan(ssl["p_seeds_vs_scratch"])  # three seeds cannot give a seed-level p
+    assert f"| {ssl['p_vs_scratch']:.3g} | – | 3/3 | 3 |" in text
+    assert "| – | – | – | 3 |" in text  # the baseline: no p, no count
+    saved = table.drop(columns=["p_seeds_vs_scratch", "seeds_ahead", "n_paired_seeds"])
+    older = to_markdown(saved)  # a table saved before these columns
     assert "| ssl | 1 |" in older and "3/3" not in older
+
+
+def test_comparison_table_tests_over_seeds_from_six_seeds():
+    df = _rows(seeds=range(6))
+    table = comparison_table(df, organs=[1, 2])
+    ssl = table[table["method"] == "ssl"].iloc[0]
+    expected = paired_wilcoxon(df, "ssl", "scratch", "dice", 1, classes=[1, 2], unit="seed")
+    assert expected["n_pairs"] == 6 and expected["p_value"] == pytest.approx(2 / 2**6)
+    assert ssl["p_seeds_vs_scratch"] == pytest.approx(expected["p_value"])
+    assert ssl["p_vs_scratch"] < ssl["p_seeds_vs_scratch"]  # 24 pairs against 6 seeds
+    assert f"| {ssl['p_vs_scratch']:.3g} | 0.0312 | 6/6 | 6 |" in to_markdown(table)
 
 
 def test_seeds_ahead_counts_per_seed_means_not_pairs():

@@ -207,6 +207,39 @@ def test_paired_wilcoxon_matches_scipy_and_pairs_by_case_and_seed():
     assert per_class["p_value"] == pytest.approx(wilcoxon(px, py).pvalue)
 
 
+def test_paired_wilcoxon_over_seeds_tests_per_seed_means_of_the_paired_cases():
+    # Eight seeds of 6 cases: ssl is ahead by 0.01 on every case but one, which moves its
+    # seed's mean up or down by a seed-specific amount - the pairs agree, the seeds do not.
+    rng = np.random.default_rng(1)
+    shift = rng.normal(0.0, 0.05, size=8)
+    rows = []
+    for seed in range(8):
+        for i in range(6):
+            base = rng.uniform(0.4, 0.8)
+            rows.append(_row("scratch", seed, f"c{i}", 1, base))
+            if seed == 3 and i == 5:
+                continue  # unpaired: must not enter seed 3's mean
+            rows.append(_row("ssl", seed, f"c{i}", 1, base + (6 * shift[seed] if i == 0 else 0.01)))
+    df = _frame(rows)
+    by_case = paired_wilcoxon(df, "ssl")
+    by_seed = paired_wilcoxon(df, "ssl", unit="seed")
+    x, y = [], []
+    for seed in range(8):
+        cases = range(5) if seed == 3 else range(6)
+        part = df[(df.seed == seed) & df.case.isin([f"c{i}" for i in cases])]
+        x.append(part[part.method == "ssl"]["dice"].mean())
+        y.append(part[part.method == "scratch"]["dice"].mean())
+    expected = wilcoxon(x, y)
+    assert by_seed["n_pairs"] == 8 and by_case["n_pairs"] == 47
+    assert by_seed["p_value"] == pytest.approx(expected.pvalue)
+    assert by_seed["statistic"] == pytest.approx(expected.statistic)
+    assert by_case["p_value"] < 1e-4 < 0.1 < by_seed["p_value"]
+    few = paired_wilcoxon(df[df.seed < 3], "ssl", unit="seed")
+    assert few["n_pairs"] == 3 and "fewer than min_pairs" in few["reason"]
+    with pytest.raises(ValueError, match="unit"):
+        paired_wilcoxon(df, "ssl", unit="run")
+
+
 def test_paired_wilcoxon_too_few_pairs_gives_nan_with_reason():
     rows = [_row("scratch", 0, f"c{i}", 1, 0.5) for i in range(3)]
     rows += [_row("ssl", 0, f"c{i}", 1, 0.6 + i / 100) for i in range(4)]  # c3 has no partner

@@ -5,8 +5,9 @@ Dice and organ HD95 as mean ± sd over seeds of the per-seed case means
 (:func:`~medssl_kit.evaluate.results.aggregate`), and a paired two-sided Wilcoxon signed-rank test
 of each method's organ Dice against the baseline over (test case, seed) pairs
 (:func:`~medssl_kit.evaluate.results.paired_wilcoxon`), as the pixel-global paper reports
-p-values, with the number of fine-tuning seeds on which the method's mean is ahead
-(:func:`~medssl_kit.evaluate.results.seeds_ahead`). Also: a ranking of methods at each
+p-values, the same test over per-seed means (``unit="seed"``: the fine-tuning run is the
+replicated unit; needs six seeds), and the number of fine-tuning seeds on which the method's mean
+is ahead (:func:`~medssl_kit.evaluate.results.seeds_ahead`). Also: a ranking of methods at each
 budget, and wall times read from the runs' ``summary.json`` files.
 """
 
@@ -61,24 +62,26 @@ def comparison_table(
             how="left",
         )
     methods = set(df["method"])
-    p_values, pairs, ahead, paired_seeds = [], [], [], []
+    p_values, pairs, p_seeds, ahead, paired_seeds = [], [], [], [], []
     for row in table.itertuples():
         if row.method == baseline or baseline not in methods:
             p_values.append(math.nan)
             pairs.append(0)
+            p_seeds.append(math.nan)
             ahead.append(0)
             paired_seeds.append(0)
             continue
-        test = paired_wilcoxon(df, row.method, baseline, "dice", row.labeled, classes=organs)
+        args = (df, row.method, baseline, "dice", row.labeled)
+        test = paired_wilcoxon(*args, classes=organs)
         p_values.append(test["p_value"])
         pairs.append(test["n_pairs"])
-        n_ahead, n_seeds = seeds_ahead(
-            df, row.method, baseline, "dice", row.labeled, classes=organs
-        )
+        p_seeds.append(paired_wilcoxon(*args, classes=organs, unit="seed")["p_value"])
+        n_ahead, n_seeds = seeds_ahead(*args, classes=organs)
         ahead.append(n_ahead)
         paired_seeds.append(n_seeds)
     table[f"p_vs_{baseline}"] = p_values
     table["n_pairs"] = pairs
+    table[f"p_seeds_vs_{baseline}"] = p_seeds
     table["seeds_ahead"] = ahead
     table["n_paired_seeds"] = paired_seeds
     return table.sort_values(["labeled", "method"]).reset_index(drop=True)
@@ -95,7 +98,7 @@ def to_markdown(table: pd.DataFrame, baseline: str = "scratch") -> str:
     has_lesion = "lesion_dice" in table
     header = ["method", "labelled cases", "organ Dice", "organ HD95 (mm)"]
     header += ["lesion Dice"] if has_lesion else []
-    header += [f"p vs {baseline}", "seeds ahead", "seeds"]
+    header += [f"p vs {baseline}", "p over seeds", "seeds ahead", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples():
         p = getattr(r, f"p_vs_{baseline}")
@@ -106,7 +109,8 @@ def to_markdown(table: pd.DataFrame, baseline: str = "scratch") -> str:
             pm(r.organ_hd95, r.organ_hd95_sd, 1),
         ]
         cells += [pm(r.lesion_dice, r.lesion_dice_sd, 3)] if has_lesion else []
-        cells += ["–" if p != p else f"{p:.3g}"]
+        p_seeds = getattr(r, f"p_seeds_vs_{baseline}", math.nan)  # absent in older saved tables
+        cells += ["–" if p != p else f"{p:.3g}", "–" if p_seeds != p_seeds else f"{p_seeds:.3g}"]
         paired = getattr(r, "n_paired_seeds", 0)  # 0 also in tables saved before the count
         cells += [f"{r.seeds_ahead}/{paired}" if paired else "–"]
         cells += [str(r.n_seeds)]

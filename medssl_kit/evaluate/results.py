@@ -270,6 +270,7 @@ def paired_wilcoxon(
     *,
     classes: Iterable[int | str] | None = None,
     per_class: bool = False,
+    unit: str = "case",
     min_pairs: int = 6,
 ) -> dict[str, object]:
     """Two-sided Wilcoxon signed-rank test of ``method`` against ``baseline`` on paired results.
@@ -279,8 +280,13 @@ def paired_wilcoxon(
     still pairing within a budget). By default each side's value is the NaN-aware mean of
     ``metric`` over the selected classes of that case; with ``per_class`` every (case, seed,
     class) is its own pair. Keys present for only one method, or with a NaN on either side, are
-    dropped. The test is ``scipy.stats.wilcoxon(method_values, baseline_values)`` (zero
-    differences discarded, scipy's default).
+    dropped. With ``unit="seed"`` a pair is instead one fine-tuning seed of a budget (per class
+    with ``per_class``), each side the mean over that seed's paired cases: the replicated unit,
+    where the per-case pairs count the test cases of one fine-tuned model as independent (at
+    one labelled case a run's mean moves by a tenth from run to run, which they do not see).
+    Six seeds are the fewest for which it can give p < 0.05. The test is
+    ``scipy.stats.wilcoxon(method_values, baseline_values)`` (zero differences discarded,
+    scipy's default).
 
     Returns:
         ``{"statistic", "p_value", "n_pairs", "median_difference", "reason"}``: the median of
@@ -290,9 +296,12 @@ def paired_wilcoxon(
         differences zero.
 
     Raises:
-        ValueError: a method has several rows per (labeled, case, seed, class_id).
+        ValueError: a method has several rows per (labeled, case, seed, class_id), or ``unit``
+            is neither ``"case"`` nor ``"seed"``.
     """
-    pairs = _pairs(df, method, baseline, metric, labeled, classes, per_class)
+    if unit not in ("case", "seed"):
+        raise ValueError(f"unit must be 'case' or 'seed', got {unit!r}")
+    pairs = _pairs(df, method, baseline, metric, labeled, classes, per_class, unit == "seed")
     diff = (pairs["m"] - pairs["b"]).to_numpy()
     result: dict[str, object] = {
         "statistic": math.nan,
@@ -337,8 +346,7 @@ def seeds_ahead(
         ``(ahead, seeds)``: seeds where ``method`` is strictly higher, and seeds with pairs
         (with ``labeled`` None, each budget's seeds count apart).
     """
-    pairs = _pairs(df, method, baseline, metric, labeled, classes, per_class=False)
-    per_seed = pairs.groupby(level=["labeled", "seed"]).mean()
+    per_seed = _pairs(df, method, baseline, metric, labeled, classes, False, True)
     return int((per_seed["m"] > per_seed["b"]).sum()), len(per_seed)
 
 
@@ -350,8 +358,13 @@ def _pairs(
     labeled: float | None,
     classes: Iterable[int | str] | None,
     per_class: bool,
+    per_seed: bool,
 ) -> pd.DataFrame:
-    """``method`` (column ``m``) beside ``baseline`` (``b``), one row per paired key."""
+    """``method`` (column ``m``) beside ``baseline`` (``b``), one row per paired key.
+
+    The key is (labeled, case, seed[, class_id]); ``per_seed`` then averages each seed's
+    paired cases into one row per (labeled, seed[, class_id]).
+    """
     sel = _select_classes(df, classes)
     if labeled is not None:
         sel = sel[sel["labeled"] == float(labeled)]
@@ -362,4 +375,7 @@ def _pairs(
         _check_unique(part, ["labeled", "case", "seed", "class_id"])
         return part.groupby(key)[metric].mean()
 
-    return pd.concat({"m": values(method), "b": values(baseline)}, axis=1, join="inner").dropna()
+    pairs = pd.concat({"m": values(method), "b": values(baseline)}, axis=1, join="inner").dropna()
+    if per_seed:
+        return pairs.groupby(level=[k for k in key if k != "case"]).mean()
+    return pairs
