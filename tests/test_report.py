@@ -22,7 +22,7 @@ from medssl_kit.evaluate.report import (
     to_markdown,
     wall_time_table,
 )
-from medssl_kit.evaluate.results import paired_wilcoxon, seeds_ahead, write_results
+from medssl_kit.evaluate.results import paired_wilcoxon, write_results
 
 
 def _rows(seeds=(0, 1, 2)):
@@ -82,18 +82,23 @@ def test_comparison_table_tests_over_seeds_from_six_seeds():
 
 
 def test_seeds_ahead_counts_per_seed_means_not_pairs():
-    # ssl is ahead on 3 of 4 cases of every seed but far behind on the 4th of seeds 1 and 2:
+    # ssl is ahead on every case of seed 0 but far behind on the 4th case of seeds 1 and 2:
     # most pairs favour it, yet its per-seed mean is ahead on seed 0 only.
     df = _rows()
     ssl = (df["method"] == "ssl") & (df["class_id"] != 7)
     df.loc[ssl, "dice"] = df.loc[ssl, "dice"] - 0.04  # +0.01 on every pair
     sunk = ssl & (df["case"] == "c3") & df["seed"].isin([1, 2])
     df.loc[sunk, "dice"] = df.loc[sunk, "dice"] - 0.2
-    assert seeds_ahead(df, "ssl", "scratch", "dice", 1, classes=[1, 2]) == (1, 3)
-    test = paired_wilcoxon(df, "ssl", "scratch", "dice", 1, classes=[1, 2])
-    assert test["median_difference"] > 0  # what the pairs say
+    args = (df, "ssl", "scratch", "dice", 1)
+    by_seed = paired_wilcoxon(*args, classes=[1, 2], unit="seed")
+    assert (by_seed["n_ahead"], by_seed["n_pairs"]) == (1, 3)
+    by_case = paired_wilcoxon(*args, classes=[1, 2])
+    assert (by_case["n_ahead"], by_case["n_pairs"]) == (10, 12)  # what the pairs say
+    assert by_case["median_difference"] > 0
+    assert comparison_table(df, organs=[1, 2]).query("method == 'ssl'")["seeds_ahead"].item() == 1
     df2 = df[~((df["method"] == "ssl") & (df["seed"] == 2))]
-    assert seeds_ahead(df2, "ssl", "scratch", "dice", 1, classes=[1, 2]) == (1, 2)
+    by_seed2 = paired_wilcoxon(df2, "ssl", "scratch", "dice", 1, classes=[1, 2], unit="seed")
+    assert (by_seed2["n_ahead"], by_seed2["n_pairs"]) == (1, 2)
 
 
 def test_cli_report(tmp_path, capsys):

@@ -7,7 +7,7 @@ of each method's organ Dice against the baseline over (test case, seed) pairs
 (:func:`~medssl_kit.evaluate.results.paired_wilcoxon`), as the pixel-global paper reports
 p-values, the same test over per-seed means (``unit="seed"``: the fine-tuning run is the
 replicated unit; needs six seeds), and the number of fine-tuning seeds on which the method's mean
-is ahead (:func:`~medssl_kit.evaluate.results.seeds_ahead`). Also: a ranking of methods at each
+is ahead (that test's ``n_ahead``). Also: a ranking of methods at each
 budget, and wall times read from the runs' ``summary.json`` files.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from medssl_kit.errors import MedsslError
-from medssl_kit.evaluate.results import aggregate, paired_wilcoxon, seeds_ahead
+from medssl_kit.evaluate.results import aggregate, paired_wilcoxon
 
 SUMMARY_FILENAME = "summary.json"
 
@@ -75,10 +75,10 @@ def comparison_table(
         test = paired_wilcoxon(*args, classes=organs)
         p_values.append(test["p_value"])
         pairs.append(test["n_pairs"])
-        p_seeds.append(paired_wilcoxon(*args, classes=organs, unit="seed")["p_value"])
-        n_ahead, n_seeds = seeds_ahead(*args, classes=organs)
-        ahead.append(n_ahead)
-        paired_seeds.append(n_seeds)
+        by_seed = paired_wilcoxon(*args, classes=organs, unit="seed")
+        p_seeds.append(by_seed["p_value"])
+        ahead.append(by_seed["n_ahead"])
+        paired_seeds.append(by_seed["n_pairs"])
     table[f"p_vs_{baseline}"] = p_values
     table["n_pairs"] = pairs
     table[f"p_seeds_vs_{baseline}"] = p_seeds

@@ -289,8 +289,11 @@ def paired_wilcoxon(
     scipy's default).
 
     Returns:
-        ``{"statistic", "p_value", "n_pairs", "median_difference", "reason"}``: the median of
-        method − baseline (for HD95 negative is better), ``reason`` is ``None`` when the test ran;
+        ``{"statistic", "p_value", "n_pairs", "n_ahead", "median_difference", "reason"}``:
+        ``n_ahead`` counts the pairs where ``method`` is strictly higher (with ``unit="seed"``, the
+        seeds it is ahead on; for HD95, where lower is better, those where it is worse), the
+        median is of method − baseline (for HD95 negative is better), ``reason`` is ``None``
+        when the test ran;
         otherwise statistic and p-value are NaN and ``reason`` says why: fewer than ``min_pairs``
         pairs (default 6, the fewest for which a two-sided exact p can be < 0.05) or all
         differences zero.
@@ -307,6 +310,7 @@ def paired_wilcoxon(
         "statistic": math.nan,
         "p_value": math.nan,
         "n_pairs": len(pairs),
+        "n_ahead": int((diff > 0).sum()),
         "median_difference": float(np.median(diff)) if len(diff) else math.nan,
         "reason": None,
     }
@@ -322,32 +326,6 @@ def paired_wilcoxon(
         result["statistic"] = float(test.statistic)
         result["p_value"] = float(test.pvalue)
     return result
-
-
-def seeds_ahead(
-    df: pd.DataFrame,
-    method: str,
-    baseline: str = "scratch",
-    metric: str = "dice",
-    labeled: float | None = None,
-    *,
-    classes: Iterable[int | str] | None = None,
-) -> tuple[int, int]:
-    """On how many fine-tuning seeds ``method``'s mean ``metric`` is above ``baseline``'s.
-
-    Pairs as :func:`paired_wilcoxon` does (same case, seed and budget; class means per case);
-    each seed's value is the mean over its paired cases. The count looks at the unit that is
-    replicated, the fine-tuning run, where the Wilcoxon test counts each test case of one run
-    as its own pair: at one labelled case a run's mean moves by a tenth from run to run, and a
-    small p from three seeds can rest on one or two of them. For a metric where lower is
-    better (HD95) the count is of the seeds where ``method`` is worse.
-
-    Returns:
-        ``(ahead, seeds)``: seeds where ``method`` is strictly higher, and seeds with pairs
-        (with ``labeled`` None, each budget's seeds count apart).
-    """
-    per_seed = _pairs(df, method, baseline, metric, labeled, classes, False, True)
-    return int((per_seed["m"] > per_seed["b"]).sum()), len(per_seed)
 
 
 def _pairs(
