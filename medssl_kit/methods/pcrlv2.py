@@ -52,7 +52,7 @@ see "Weight of the global–local comparison" below).
     what fine-tuning starts from: the encoder (the paper) or the whole non-skip UNet, its
     decoder entering the UNet with skips with the skip inputs at zero, so the fine-tuned network
     starts as the pre-trained one (not in the paper; SSMTL's gain here comes mostly from its
-    pre-trained decoder, see the README).
+    pre-trained decoder, see docs/results.md).
 
 Choices where the paper is silent or ambiguous, and deviations (with reasons):
 

@@ -92,22 +92,23 @@ Choices the paper leaves open (or gets wrong), and why
 - **Views.** ``sample_view_pair`` at ``crop_size`` pixels (``gpu``: 224² as in the paper; CPU
   profiles: the profile's crop): random resized crop of 40–100 % of the slice area (DINO's global
   crops; the paper gives no range), aspect 3/4–4/3, flips of each axis with p 0.5 (the paper's
-  "vertical & horizontal flipping", although fine-tuning never flips: measured at ``cpu``, GP
-  pre-trained without flips fine-tuned worse at one labelled case, README), free rotation up to
-  ±10° (no 90° turns), contrast ×0.75–1.25 and gamma 0.7–1.5 each with p 0.5; no brightness,
-  blur or noise (the paper lists none). Override with the ``view`` setting (a dict of
-  :class:`~medssl_kit.data.views.ViewSpec` fields).
+  "vertical & horizontal flipping", although fine-tuning never flips: measured at ``cpu``,
+  GP pre-trained without flips fine-tuned worse at one labelled case, docs/results.md), free
+  rotation up to ±10° (no 90° turns), contrast ×0.75–1.25 and gamma 0.7–1.5 each with p 0.5;
+  no brightness, blur or noise (the paper lists none). Override with the ``view`` setting (a
+  dict of :class:`~medssl_kit.data.views.ViewSpec` fields).
 - **Transfer.** :meth:`transferable_state` returns the *student*'s encoder and decoder (not the
   segmentation head, which pre-training never trains). The paper keeps the student ("we keep its
   parameters and fine-tune them"); DINO transfers the teacher, which is the better network in its
   experiments. ``transfer="teacher"`` switches, and the teacher is always in the checkpoint.
-  Measured at ``cpu`` (GP, one labelled case): the teacher fine-tunes no better (README).
+  Measured at ``cpu`` (GP, one labelled case): the teacher fine-tunes no better (docs/results.md).
 - **Optimisation.** ``gpu``: the paper's setting — ResUNet50 (``resunet``, resnet50), batch 8,
   LARS lr 0.2 with cosine decay and a warm-up of 2 of 500 epochs (0.4 % of the steps: 80),
   weight decay 1.5e-6 (BYOL). CPU profiles: a ``unet`` with the loop's Adam 1e-3 and cosine, the
   optimiser every method uses at these budgets, so that CPU comparisons between methods differ
   in the method only (measured at ``cpu``, GP at one labelled case: the paper's LARS, with the
-  ``unet`` or the ResUNet50, fine-tunes no better than scratch in the same network, README).
+  ``unet`` or the ResUNet50, fine-tunes no better than scratch in the same network; see
+  docs/results.md).
   The uncertainty weighting makes this method the dearest per step (×3 with the 20 passes), so
   at ``cpu`` it trains 400 steps on 64² views (:data:`CPU_BUDGET`) to stay within the profile's
   10-minute pre-training budget; the other methods run the profile's 1000 steps on 96² views.
