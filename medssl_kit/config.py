@@ -39,6 +39,7 @@ class FinetuneSettings:
     budgets: tuple[int | str, ...]  # default label budgets of a label-efficiency curve
     seeds: tuple[int, ...]  # default seeds of each budget (mean ± sd over them)
     lr: float = 1e-3
+    resnet: str = "resnet18"  # the ResNet encoder of the ``resunet`` backbone
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class PretrainSettings:
     checkpoint_every: int
     crop_size: tuple[int, ...]  # 2D view size (H, W); 3D methods use patch_size
     patch_size: tuple[int, int, int]  # 3D crops (D, H, W)
+    # Base momentum of the EMA teachers / target networks (pixel_global, BYOL), rising on BYOL's
+    # cosine to 1. The papers' 0.996 is made for ~10^5 steps: after K steps the teacher still
+    # holds about exp(−(1 − base)·K/2) of its random initialisation (0.996: 0.13 at 1000 steps,
+    # 0.45 at 400), so the short profiles use 0.99 (0.007 at 1000 steps; methods.ema
+    # :func:`~medssl_kit.methods.ema.init_share`). A method with a shorter budget lowers it.
+    ema_momentum: float = 0.996
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,7 @@ PROFILES: dict[str, Profile] = {
             checkpoint_every=2,
             crop_size=(48, 48),
             patch_size=(16, 32, 32),
+            ema_momentum=0.99,
         ),
     ),
     "cpu": Profile(
@@ -114,6 +122,7 @@ PROFILES: dict[str, Profile] = {
             checkpoint_every=100,
             crop_size=(96, 96),
             patch_size=(32, 64, 64),
+            ema_momentum=0.99,
         ),
     ),
     "gpu": Profile(
@@ -135,6 +144,7 @@ PROFILES: dict[str, Profile] = {
             batch_size_3d=2,
             budgets=(1, 2, 5, 10, "all"),
             seeds=(0, 1, 2),
+            resnet="resnet50",
         ),
         pretrain=PretrainSettings(
             steps=20000,
@@ -145,6 +155,23 @@ PROFILES: dict[str, Profile] = {
         ),
     ),
 }
+
+
+def architecture_kwargs(profile: str | None, backbone: str) -> dict[str, object]:
+    """The structure of a profile's fine-tuned ``backbone``: the ``unet`` widths, the ``resunet``
+    ResNet (ResNet-18 on CPU, the pixel-global paper's ResNet-50 at ``gpu``); nothing for the
+    others (their defaults).
+
+    Fine-tuning builds this network for every start, scratch included, and every pre-training
+    method starts from it (adding only what training needs, e.g. decoder dropout), so that a
+    comparison differs in the start alone; fine-tuning refuses a run of another structure.
+    """
+    ft = get_profile(profile).finetune
+    if backbone == "unet":
+        return {"channels": list(ft.channels)}
+    if backbone == "resunet":
+        return {"backbone": ft.resnet}
+    return {}
 
 
 def get_profile(name: str | None = None) -> Profile:

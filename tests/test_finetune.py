@@ -13,6 +13,7 @@ from medssl_kit.cli import main
 from medssl_kit.data.manifest import load_manifest
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.metrics import auroc
+from medssl_kit.methods.registry import available_methods, get_method
 from medssl_kit.models.export import KeyReport
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train import finetune as finetune_module
@@ -23,7 +24,13 @@ from medssl_kit.train.finetune import (
     choose_labeled_cases,
     finetune,
 )
-from medssl_kit.train.transfer import load_transferable, read_transferable, save_transferable
+from medssl_kit.train.pretrain import PretrainConfig
+from medssl_kit.train.transfer import (
+    check_transferable_fits,
+    load_transferable,
+    read_transferable,
+    save_transferable,
+)
 
 FAST = dict(profile="smoke", steps=4, val_every=2, checkpoint_every=2, batch_size=2)
 
@@ -135,6 +142,53 @@ def test_init_from_run_reports_keys_and_rejects_another_backbone(
             tmp_path / "fpn",
             progress=False,
         )
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+@pytest.mark.parametrize("backbone", ["unet", "resunet"])
+def test_every_method_pre_trains_the_network_fine_tuning_builds(profile, backbone):
+    # scratch and every pre-trained start are one network: each method's pre-training network,
+    # at every profile and backbone, passes the check fine-tuning applies to an init
+    built: dict[tuple, dict] = {}
+
+    def config(name: str, dims: int, kwargs: dict) -> dict:
+        key = (name, dims, repr(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build_backbone(name, dims, 1, 8, **kwargs).config
+        return built[key]
+
+    ours = [n for n in available_methods() if get_method(n).__module__.startswith("medssl_kit.")]
+    for name in ours:  # not the toy methods other tests register
+        dims = get_method(name).spatial_dims[0]
+        ft = FinetuneConfig(profile=profile, backbone=backbone, dims=dims).resolved()
+        pre = PretrainConfig(method=name, profile=profile, backbone=backbone, dims=dims).resolved()
+        own = config(backbone, dims, ft.backbone_kwargs)
+        header = {"backbone": config(pre.backbone, dims, pre.backbone_kwargs)}
+        check_transferable_fits(header, own, f"{name} at {profile}")
+    assert len(ours) >= 8
+
+
+def test_an_init_of_another_network_is_refused_unless_asked_for(tiny_phantom, tmp_path):
+    src = build_backbone("unet", 2, 1, 8, channels=(4, 8, 8, 8, 8))
+    save_transferable(tmp_path / "pre" / "transferable.pt", src, method="demo")
+    with pytest.raises(MedsslError, match=r"channels=\[4, 8, 8, 8, 8\].*channels=\[8, 16, 32"):
+        finetune(tmp_path / "pre", tiny_phantom, FinetuneConfig(**FAST), tmp_path / "a")
+    assert not (tmp_path / "a" / "results.csv").exists()
+    other = build_backbone("unet", 2, 1, 8, channels=(8, 16, 32, 64, 128), norm="instance")
+    save_transferable(tmp_path / "inst" / "transferable.pt", other, method="demo")
+    with pytest.raises(MedsslError, match="norm='instance'.*norm='batch'"):
+        finetune(tmp_path / "inst", tiny_phantom, FinetuneConfig(**FAST), tmp_path / "b")
+
+    # asked for: scratch (and the init) built like the init's run, and the method name says so
+    like = FinetuneConfig(architecture_from=str(tmp_path / "pre"), **FAST)
+    for init, name in (("scratch", "scratch"), (tmp_path / "pre", "demo")):
+        result = finetune(init, tiny_phantom, like, tmp_path / f"like-{name}", progress=False)
+        config = json.loads((result.run_dir / "config.json").read_text())
+        assert config["backbone"]["channels"] == [4, 8, 8, 8, 8]
+        assert result.summary["method"] == f"{name} [demo's network]"
+        assert set(pd.read_csv(result.run_dir / "results.csv")["method"]) == {
+            result.summary["method"]
+        }
 
 
 def test_pretraining_dropout_is_not_carried_into_fine_tuning(tiny_phantom, tmp_path):

@@ -462,7 +462,9 @@ def test_run_pretraining_then_finetune_loads_every_encoder_key(dims, tiny_phanto
     assert all(torch.equal(v, saved[k]) for k, v in method.state_dict().items())
     assert int(method.total_steps) == 4
 
-    ft = FinetuneConfig(profile="smoke", dims=dims, steps=2, val_every=2)
+    ft = FinetuneConfig(
+        profile="smoke", dims=dims, steps=2, val_every=2, backbone_kwargs={"channels": TINY[dims]}
+    )
     if dims == 3:
         ft.patch_size = (8, 16, 16)
     tuned = finetune(tmp_path / "run", tiny_phantom, ft, tmp_path / "ft", progress=False)
@@ -483,7 +485,9 @@ def test_encoder_decoder_transfer_starts_fine_tuning_from_the_pretrained_network
     run_pretraining(cfg, tiny_phantom, tmp_path / "run", progress=False)
     header = read_transferable(tmp_path / "run")
     assert any(k.startswith("decoder.") for k in header["state_dict"])
-    ft = FinetuneConfig(profile="smoke", steps=1, val_every=1)
+    ft = FinetuneConfig(
+        profile="smoke", steps=1, val_every=1, backbone_kwargs={"channels": TINY[2]}
+    )
     report = finetune(tmp_path / "run", tiny_phantom, ft, tmp_path / "ft", progress=False)
     report = report.key_report
     assert not report.mismatched and not report.unexpected
@@ -514,10 +518,20 @@ def test_resume_gives_the_same_weights(tiny_phantom, tmp_path, monkeypatch):
     assert levels[0] == levels[1]
 
 
-def test_defaults_depend_on_dims_and_backbone():
-    cpu2 = PretrainConfig(method="pcrlv2", profile="cpu", dims=2).resolved()
-    cpu3 = PretrainConfig(method="pcrlv2", profile="cpu", dims=3).resolved()
-    assert (cpu2.lr, cpu2.batch_size) == (1e-2, 8)
-    assert (cpu3.lr, cpu3.batch_size) == (1e-3, 2)
-    res = PretrainConfig(method="pcrlv2", profile="cpu", backbone="resunet").resolved()
-    assert res.backbone_kwargs == {"skips": False}
+@pytest.mark.parametrize("backbone", ["unet", "resunet"])
+def test_the_pre_training_network_is_the_non_skip_unet(backbone):
+    # nsUNet (PCRLv2 eq. 1): the decoder reads the bottleneck alone, so no higher-resolution
+    # encoder feature can reach a restoration (replacing them all changes nothing)
+    cfg = PretrainConfig(method="pcrlv2", profile="smoke", backbone=backbone).resolved()
+    torch.manual_seed(0)
+    net = build_backbone(cfg.backbone, 2, 1, 2, **cfg.backbone_kwargs).eval()
+    with torch.no_grad():
+        feats = net.encode(torch.rand(2, 1, 64, 64))
+        noise = [torch.randn_like(f) for f in feats[:-1]] + [feats[-1]]
+        clean, noisy = net.decode(feats)[1], net.decode(noise)[1]
+    assert torch.equal(clean, noisy)
+    skip = build_backbone(cfg.backbone, 2, 1, 2, **{**cfg.backbone_kwargs, "skips": True}).eval()
+    with torch.no_grad():
+        feats = skip.encode(torch.rand(2, 1, 64, 64))
+        noise = [torch.randn_like(f) for f in feats[:-1]] + [feats[-1]]
+        assert not torch.equal(skip.decode(feats)[1], skip.decode(noise)[1])

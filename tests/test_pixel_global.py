@@ -18,6 +18,7 @@ from medssl_kit.methods.registry import get_method
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import FinetuneConfig, finetune
+from medssl_kit.train.optim import build_optimizer, build_scheduler
 from medssl_kit.train.pretrain import PretrainConfig, load_method, run_pretraining
 from medssl_kit.train.transfer import read_transferable
 
@@ -137,6 +138,27 @@ def test_uncertainty_is_in_unit_interval_and_higher_where_passes_disagree():
     assert weights[1] < weights[2] < weights[0]
 
 
+def test_mutual_information_is_zero_where_passes_agree_and_orders_their_disagreement():
+    k = 4
+
+    def passes(classes):  # one-hot passes, [T, K]
+        return F.one_hot(torch.tensor(classes), k).float()
+
+    agree = passes([2] * 20)
+    flat = torch.full((20, k), 1 / k)  # every pass says "uniform": agreed, yet maximal entropy
+    mostly = passes([1] * 17 + [0, 2, 3])
+    half = passes([1] * 10 + [3] * 10)
+    spread = passes([c % k for c in range(20)])
+    samples = torch.stack([agree, flat, mostly, half, spread], dim=-1)  # [T, K, 5 pixels]
+    mean = samples.mean(0)[None]
+    mean_entropy = -torch.special.xlogy(samples, samples).sum(1).mean(0)[None]
+    mi = L.mutual_information(mean, mean_entropy)[0]
+    assert mi[0] == 0 and mi[1] == pytest.approx(0.0, abs=1e-7)
+    assert 0 < mi[2] < mi[3] < mi[4] == pytest.approx(1.0)
+    # the paper's predictive entropy counts the agreed flat output as certain-less, MI does not
+    assert L.predictive_entropy(mean)[0, 1] == pytest.approx(1.0)
+
+
 # --- the method -------------------------------------------------------------------------------
 
 
@@ -155,8 +177,6 @@ def test_local_loss_zero_for_identical_views_and_networks_positive_otherwise():
     assert bool(same["valid"].all())
     assert method(same, 0)["local"].item() == pytest.approx(0.0, abs=1e-5)
 
-    shifted = method.collate([crop_pair(x, (0, 0), (6, 3)) for x in imgs], None, mc_seed=0)
-    assert method(shifted, 0)["local"].item() > 1e-3  # different views
     with torch.no_grad():
         for p in method.pixel_head.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -268,6 +288,119 @@ def test_teacher_gets_no_gradient_and_follows_the_ema_formula():
     assert t_global.shape[1] == method.center_global.shape[0]
 
 
+def _teacher_outputs(method: PixelGlobal, batch: dict) -> tuple[torch.Tensor, ...]:
+    """The teacher's global logits and pixel logits of a batch's views, as ``forward`` computes
+    them (train mode: the batch's statistics; the views and their x-tilde replays together)."""
+    views = batch["views"]
+    x = torch.cat([views, batch["stab_views"]]) if "stab_views" in batch else views
+    teacher, n2 = method.teacher, views.shape[0]
+    with torch.no_grad():
+        enc = teacher["backbone"].encode(x)
+        t_global = teacher["global_head"](enc[-1][:n2].flatten(2).mean(2))
+        t_pix = teacher["pixel_head"](teacher["backbone"].decode(enc)[0][-1])[:n2]
+    return t_global, t_pix
+
+
+@pytest.mark.parametrize("measure", ["entropy", "mutual_information"])
+def test_uncertainty_passes_normalise_as_the_target_pass_so_without_dropout_they_are_the_targets(
+    measure,
+):
+    # Dropout off: the 20 passes must reproduce the teacher's targets exactly, which holds only
+    # when their batch norm uses the target pass's batch statistics (not the running ones).
+    method = make_method(uncertainty_measure=measure).train()
+    for layer in method.teacher["backbone"].dropout_layers:
+        layer.p = 0.0
+    batch = method.make_batch([{"image": x} for x in images(3)], torch.Generator().manual_seed(2))
+    running = [b.clone() for b in method.teacher.buffers()]
+    terms = method(batch, 0)
+    _, t_pix = _teacher_outputs(method, batch)
+    targets = L.teacher_probs(t_pix, method.center_pixel, method.cfg["pixel_teacher_temp"])
+    own = L.predictive_entropy(targets)
+    n2 = t_pix.shape[0]
+    partner = torch.arange(n2).roll(n2 // 2)
+    warped = F.grid_sample(
+        own[partner][:, None], batch["grid"], mode="bilinear", align_corners=True
+    )[:, 0]
+    expected = L.masked_mean(warped, batch["valid"])
+    assert expected > 0.05  # the targets are not one-hot: U = 0 would not be trivial
+    if measure == "entropy":  # U is the entropy of the targets themselves
+        assert terms["mean_uncertainty"].item() == pytest.approx(expected.item(), abs=1e-5)
+    else:  # passes that agree: no disagreement anywhere
+        assert terms["mean_uncertainty"].item() == pytest.approx(0.0, abs=1e-6)
+
+    # the passes leave the teacher's running statistics alone (only its target pass moves them)
+    feats = method.teacher["backbone"].encode(batch["views"])
+    after_target_pass = [b.clone() for b in method.teacher.buffers()]
+    assert any(not torch.equal(a, b) for a, b in zip(running, after_target_pass, strict=True))
+    method.teacher_uncertainty(feats, seed=0)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(after_target_pass, list(method.teacher.buffers()), strict=True)
+    )
+
+
+def test_uncertainty_grows_with_the_dropout_that_makes_passes_disagree():
+    x = torch.stack(images(2, size=32))
+    means = []
+    for p in (0.0, 0.05, 0.3):
+        method = make_method(uncertainty_measure="mutual_information").train()
+        for layer in method.teacher["backbone"].dropout_layers:
+            layer.p = p
+        feats = method.teacher["backbone"].encode(x)
+        means.append(method.teacher_uncertainty(feats, seed=5).mean().item())
+    assert means[0] == pytest.approx(0.0, abs=1e-6) and 0 < means[1] < means[2]
+
+
+def test_centres_follow_dinos_update_from_the_batch_just_used():
+    method = make_method().train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        method.center_global.copy_(torch.randn(method.center_global.shape, generator=g))
+        method.center_pixel.copy_(torch.randn(method.center_pixel.shape, generator=g))
+    c_global, c_pixel = method.center_global.clone(), method.center_pixel.clone()
+    batch = method.make_batch([{"image": x} for x in images(3)], torch.Generator().manual_seed(1))
+    method(batch, 0)
+    t_global, t_pix = _teacher_outputs(method, batch)
+    assert torch.equal(method.center_global, c_global)  # forward has no side effects
+    method.on_step_end(1, 10)
+    # DINO: c <- m c + (1 - m) mean of the batch's teacher logits, m = 0.9 (pixels: over the
+    # batch and every pixel of the two views)
+    torch.testing.assert_close(method.center_global, 0.9 * c_global + 0.1 * t_global.mean(0))
+    torch.testing.assert_close(method.center_pixel, 0.9 * c_pixel + 0.1 * t_pix.mean((0, 2, 3)))
+
+
+def test_every_pixel_meets_the_teachers_output_at_its_own_anatomical_point(monkeypatch):
+    # Oracle through forward's own partner / swap indexing: the teacher's "probabilities" are
+    # replaced by coordinate images (each view pixel's position in the original slice), so the
+    # target a student pixel receives is the position its partner came from; it must be the
+    # pixel's own position wherever the pixel has a partner.
+    method = make_method(uncertainty=False, view={"scale": (0.3, 0.8)}).train()
+    pairs, stabs = method.sample_views(images(3), torch.Generator().manual_seed(6))
+    batch = method.collate(pairs, stabs, mc_seed=0)
+    own = torch.stack([p.coords1 for p in pairs] + [p.coords2 for p in pairs]).float()
+    coordinate_maps = torch.cat([own, own])  # the x-tilde replays share the pairs' geometry
+    real_probs, targets = L.teacher_probs, []
+
+    def coordinates(logits, center, temperature, dim=1):
+        return coordinate_maps if logits.ndim == 4 else real_probs(logits, center, temperature, dim)
+
+    def record(target, log_probs, kind="kl", dim=1):
+        targets.append(target)
+        return target.new_zeros(target.shape[0], *target.shape[2:])
+
+    monkeypatch.setattr(L, "teacher_probs", coordinates)
+    monkeypatch.setattr(L, "pixel_discrepancy", record)
+    method(batch, 0)
+    valid = batch["valid"]
+    assert len(targets) == 2 and valid.float().mean() > 0.3  # x and x-tilde; enough partners
+    for target in targets:
+        error = (target - own).abs().amax(1)[valid]
+        assert error.max() < 1e-3  # pixels (bilinear sampling of affine maps is exact)
+    n2 = own.shape[0]
+    partner = own[torch.arange(n2).roll(n2 // 2)]
+    assert (partner - own).abs().amax(1)[valid].mean() > 2.0  # the views do differ
+
+
 def test_batched_mc_dropout_equals_a_loop_of_single_passes():
     method = make_method(mc_samples=20).eval()
     x = torch.stack(images(2, size=32))
@@ -339,24 +472,37 @@ def test_ablation_switches_remove_exactly_their_terms(ablation, monkeypatch):
         assert 0 <= terms["mean_uncertainty"].item() <= 1
 
 
-def test_settings_per_profile_and_bad_settings():
+def test_gpu_setting_is_the_papers_resunet50_with_lars_and_warm_up():
     assert get_method("pixel_global") is PixelGlobal
     gpu = PretrainConfig(method="pixel_global", profile="gpu").resolved()
-    assert gpu.backbone == "resunet"
-    assert gpu.backbone_kwargs == {"backbone": "resnet50", "dropout": 0.1}
-    assert (gpu.optimizer, gpu.lr, gpu.batch_size, gpu.crop_size) == ("lars", 0.2, 8, (224, 224))
-    assert gpu.warmup_steps == 80 and gpu.method_cfg["mc_samples"] == 20
-    gpu_unet = PretrainConfig(method="pixel_global", profile="gpu", backbone="unet").resolved()
-    assert gpu_unet.backbone == "unet" and gpu_unet.backbone_kwargs == {"dropout": 0.1}
+    net = build_backbone(gpu.backbone, 2, 1, 2, **gpu.backbone_kwargs)
+    encoder = sum(p.numel() for k, p in net.named_parameters() if k.startswith("encoder."))
+    assert 23.4e6 < encoder < 23.6e6  # ResNet-50 without its fc layer: 23.5 M weights
+    assert net.dropout_layers  # MC dropout in the decoder
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = build_optimizer(gpu.optimizer, [weight], gpu.lr, gpu.weight_decay)
+    scheduler = build_scheduler(optimizer, gpu.schedule, gpu.steps, gpu.warmup_steps)
+    assert type(optimizer).__name__ == "LARS"
+    rates = []
+    for _ in range(gpu.warmup_steps + 1):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # the rate climbs to the paper's 0.2 over 2 of its 500 epochs
+    assert rates[0] < 0.01 and rates[-1] == pytest.approx(0.2, rel=1e-3)
+    assert gpu.warmup_steps / gpu.steps == pytest.approx(2 / 500, rel=0.02)
     assert gpu.method_cfg["mc_chunk"] is None  # all MC passes in one decoder call on a GPU
     cpu = PretrainConfig(method="pixel_global", profile="cpu").resolved()
-    assert cpu.backbone == "unet" and cpu.backbone_kwargs["dropout"] > 0
     assert cpu.method_cfg["mc_chunk"] == 1  # on a CPU one pass per call is faster
-    assert cpu.method_cfg["teacher_temp"] == 0.04 and cpu.method_cfg["student_temp"] == 0.1
+
+
+def test_bad_settings():
     with pytest.raises(MedsslError, match="unknown setting"):
         make_method(stabiliser=False)
     with pytest.raises(MedsslError, match="decoder dropout"):
         make_method(dropout=0.0)
+    with pytest.raises(MedsslError, match="uncertainty_measure"):
+        make_method(uncertainty_measure="variance")
     make_method(dropout=0.0, uncertainty=False)  # fine without the uncertainty weighting
 
 
@@ -442,7 +588,14 @@ def test_run_folder_transfer_and_exact_resume(tiny_phantom, tmp_path, monkeypatc
     ft = finetune(
         run,
         tiny_phantom,
-        FinetuneConfig(profile="smoke", labeled=1, steps=2, val_every=2, batch_size=2),
+        FinetuneConfig(
+            profile="smoke",
+            labeled=1,
+            steps=2,
+            val_every=2,
+            batch_size=2,
+            backbone_kwargs={"channels": TINY["channels"]},
+        ),  # fmt: skip
         tmp_path / "ft",
         progress=False,
     )

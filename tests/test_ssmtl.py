@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medssl_kit.data.datasets import SliceSequenceDataset
+from medssl_kit.data.datasets import SliceDataset, SliceSequenceDataset, load_volumes
 from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.manifest import load_manifest
 from medssl_kit.errors import MedsslError
@@ -21,6 +21,7 @@ from medssl_kit.methods.ssmtl import SSMTL, SSMTLPlus, instance_normalize
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import FinetuneConfig, finetune
+from medssl_kit.train.optim import build_optimizer, build_scheduler
 from medssl_kit.train.pretrain import PretrainConfig, build_dataset, load_method, run_pretraining
 from medssl_kit.train.transfer import read_transferable
 
@@ -111,7 +112,7 @@ def test_instance_normalisation_resizing_and_padding():
             "slice": 3
         }
 
-    method = _method()
+    method = _method(normalize="instance")
     batch = method.make_batch([item(20, 16), item(16, 24)], g)
     assert batch["image"].shape == (2, 1, 20, 24)
     # each slice was normalised on its own, then zero-padded symmetrically
@@ -127,6 +128,38 @@ def test_instance_normalisation_resizing_and_padding():
     assert torch.allclose(resized, expected[0])
     resunet = build_backbone("resunet", 2, 1, 2, backbone="resnet10")
     assert SSMTL(resunet, {}).make_batch([item(40, 33)], g)["image"].shape == (1, 1, 64, 64)
+
+
+def test_pre_training_feeds_the_slices_fine_tuning_feeds(tiny_phantom, tmp_path):
+    # The default feeds the network the manifest's windowed slices, exactly the fine-tuning
+    # input of the same slice; the paper's per-slice z-score is an option that fine-tuning refuses.
+    manifest = load_manifest(tiny_phantom)
+    volumes = load_volumes(manifest, ["pretrain"])
+    sequences = SliceSequenceDataset(volumes, t=2, plus=False, ends="skip", seed=0)
+    finetuning = {
+        (item["case_id"], item["slice"]): item["image"]
+        for item in (lambda d: [d[i] for i in range(len(d))])(SliceDataset(volumes, context=0))
+    }
+    method = _method(t=2)
+    assert method.input_normalization == "window"
+    items = [sequences[i] for i in range(0, len(sequences), 3)]
+    batch = method.make_batch(items, torch.Generator().manual_seed(0))
+    for row, item in zip(batch["image"], items, strict=True):
+        assert torch.equal(row, finetuning[(item["case_id"], int(item["slice"]))])
+    paper = _method(t=2, normalize="instance")
+    assert paper.input_normalization == "instance"
+    z_scored = paper.make_batch(items, torch.Generator().manual_seed(0))["image"]
+    assert not torch.allclose(z_scored, batch["image"], atol=0.1)
+
+    cfg = PretrainConfig(
+        method="ssmtl", profile="smoke", steps=1, backbone_kwargs={"channels": TINY},
+        method_cfg={"t": 2, "normalize": "instance"},
+    )  # fmt: skip
+    run_pretraining(cfg, tiny_phantom, tmp_path / "z", progress=False)
+    assert read_transferable(tmp_path / "z")["input_normalization"] == "instance"
+    ft = FinetuneConfig(profile="smoke", steps=1, backbone_kwargs={"channels": TINY})
+    with pytest.raises(MedsslError, match="'instance'-normalised inputs"):
+        finetune(tmp_path / "z", tiny_phantom, ft, tmp_path / "ft", progress=False)
 
 
 # --- losses ------------------------------------------------------------------------------------
@@ -176,13 +209,24 @@ def test_ssmtl_plus_terms_and_stop_gradient_on_the_k_branch():
     bottlenecks = []
     method.backbone.encoder[-1].register_forward_hook(lambda m, i, out: bottlenecks.append(out))
     terms = method(batch, 0)
+    passes = list(bottlenecks)
     assert set(terms) == {"loss", "pretext", "prev", "next", "sim"}
-    assert terms["pretext"].item() == pytest.approx((terms["prev"] + terms["next"]).item())
-    assert terms["loss"].item() == pytest.approx((terms["pretext"] + terms["sim"]).item())
-    assert -1.0 <= terms["sim"].item() <= 1.0
     # two encoder passes: x^j with a graph, x^k without (eq. 2's stop-gradient)
-    assert len(bottlenecks) == 2
-    assert bottlenecks[0].requires_grad and not bottlenecks[1].requires_grad
+    assert len(passes) == 2
+    assert passes[0].requires_grad and not passes[1].requires_grad
+    # recomputed from the network's parts: g- predicts x^{j-t}, g+ x^{j+t}; sim = -cos(h(q(x^j)),
+    # q(x^k)) with q the pooled bottleneck (the train-mode passes are deterministic: no dropout)
+    with torch.no_grad():
+        top = method.backbone.decode(method.backbone.encode(batch["image"]))[0][-1]
+        prev, nxt = method.head_prev(top), method.head_next(top)
+        q_j, q_k = (b.detach().mean((2, 3)) for b in passes)
+        sim = -F.cosine_similarity(method.predictor(q_j), q_k).mean()
+    assert terms["prev"].item() == pytest.approx(F.mse_loss(prev, batch["prev"]).item())
+    assert terms["next"].item() == pytest.approx(F.mse_loss(nxt, batch["next"]).item())
+    assert terms["prev"].item() != pytest.approx(F.mse_loss(prev, batch["next"]).item())
+    assert terms["sim"].item() == pytest.approx(sim.item(), abs=1e-6)
+    expected = F.mse_loss(prev, batch["prev"]) + F.mse_loss(nxt, batch["next"]) + sim
+    assert terms["loss"].item() == pytest.approx(expected.item(), abs=1e-6)
     terms["loss"].backward()
     for part in (method.backbone.encoder, method.backbone.decoder, method.predictor):
         assert all(p.grad is not None for p in part.parameters())
@@ -223,15 +267,26 @@ def test_transferable_state_is_encoder_and_decoder_only():
         assert not any(k.startswith("head.") for k in state)
 
 
-def test_defaults_and_bad_settings():
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_the_papers_optimiser_keeps_a_fixed_rate_without_decay(profile):
+    # "Adam with a fixed learning rate 1e-3" (no weight decay named): built from the resolved
+    # settings, the rate is still 1e-3 after the run's last step and no weight is decayed
+    cfg = PretrainConfig(method="ssmtl_plus", profile=profile).resolved()
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = build_optimizer(cfg.optimizer, [weight], cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.steps, cfg.warmup_steps)
+    assert isinstance(optimizer, torch.optim.Adam)
+    for _ in range(cfg.steps):
+        optimizer.zero_grad()
+        (0.0 * weight.sum()).backward()  # a zero gradient: only weight decay could move it
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [pytest.approx(1e-3)]
+    assert torch.equal(weight.detach(), torch.ones(3))
+
+
+def test_bad_settings():
     assert get_method("ssmtl") is SSMTL and get_method("ssmtl_plus") is SSMTLPlus
-    cpu = PretrainConfig(method="ssmtl", profile="cpu").resolved()
-    assert (cpu.optimizer, cpu.lr, cpu.schedule, cpu.weight_decay) == ("adam", 1e-3, "constant", 0)
-    assert cpu.method_cfg["t"] == 5 and cpu.method_cfg["normalize"] == "instance"
-    assert cpu.batch_size == 8 and cpu.backbone_kwargs == {"channels": [16, 32, 64, 128, 256]}
-    gpu = PretrainConfig(method="ssmtl_plus", profile="gpu", backbone="resunet").resolved()
-    assert gpu.batch_size == 16 and gpu.backbone_kwargs == {"backbone": "resnet50"}
-    assert gpu.method_cfg["plus"] is True and gpu.method_cfg["lambda_sim"] == 1.0
     net = build_backbone("unet", 2, 1, 2, channels=TINY)
     with pytest.raises(MedsslError, match="use the method 'ssmtl_plus'"):
         SSMTL(net, {"plus": True})
@@ -282,7 +337,9 @@ def test_run_pretraining_then_finetune_loads_encoder_and_decoder(name, tiny_phan
     assert all(torch.equal(v, saved[k]) for k, v in method.state_dict().items())
     assert all(torch.equal(state[k], saved[f"backbone.{k}"]) for k in state)
 
-    ft_cfg = FinetuneConfig(profile="smoke", steps=2, val_every=2, batch_size=2)
+    ft_cfg = FinetuneConfig(
+        profile="smoke", steps=2, val_every=2, batch_size=2, backbone_kwargs={"channels": TINY}
+    )
     report = finetune(tmp_path / "run", tiny_phantom, ft_cfg, tmp_path / "ft", progress=False)
     report = report.key_report
     assert set(report.matched) == set(state)

@@ -152,6 +152,20 @@ def predictive_entropy(mean_probs: Tensor, dim: int = 1) -> Tensor:
     return (entropy / math.log(k)).clamp(0.0, 1.0)
 
 
+def mutual_information(mean_probs: Tensor, mean_entropy: Tensor, dim: int = 1) -> Tensor:
+    """The passes' disagreement: ``(H(p̄) − mean_t H(p_t)) / log K``, in [0, 1].
+
+    The mutual information between the prediction and the dropout mask (BALD; Kendall & Gal's
+    epistemic part of :func:`predictive_entropy`): ``mean_probs`` is ``p̄``, the mean of the
+    passes' distributions, ``mean_entropy`` the mean of their entropies (nats, ``[N, *S]``). It
+    is 0 where every pass gives the same distribution, however flat, and grows with their
+    disagreement; the predictive entropy also counts how flat the agreed distribution is.
+    """
+    k = mean_probs.shape[dim]
+    entropy = -torch.special.xlogy(mean_probs, mean_probs).sum(dim)
+    return ((entropy - mean_entropy) / math.log(k)).clamp(0.0, 1.0)
+
+
 def updated_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> Tensor:
     """DINO's centre update ``c ← m c + (1 − m) mean(z_t)``, the mean over all but axis 1.
 

@@ -60,7 +60,8 @@ class PretrainMethod(nn.Module):
 
     @classmethod
     def backbone_kwargs(cls, profile: str, spatial_dims: int, backbone: str) -> dict[str, Any]:
-        """Options the method needs from ``backbone`` (e.g. decoder dropout, skips off)."""
+        """Options the method needs from ``backbone`` (e.g. decoder dropout, skips off), on top of
+        the profile's fine-tuning network (:func:`~medssl_kit.config.architecture_kwargs`)."""
         return {}
 
     def make_batch(self, items: list[Any], generator: torch.Generator) -> dict[str, Tensor]:
@@ -73,6 +74,14 @@ class PretrainMethod(nn.Module):
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         """Called after each optimizer step (``step`` counts from 1)."""
+
+    @property
+    def input_normalization(self) -> str:
+        """How the images the backbone trains on are normalised: ``"window"``, the manifest's
+        intensity normalisation (§2.3), which fine-tuning feeds too. A method that feeds its
+        backbone otherwise names its scheme; fine-tuning refuses such a run rather than transfer
+        weights to inputs they never saw (recorded in ``transferable.pt``)."""
+        return "window"
 
     def transferable_state(self) -> dict[str, Tensor]:
         """The backbone weights a fine-tuning run starts from (default: all of them)."""

@@ -6,7 +6,10 @@ Every EMA here is the same update of parameters,
     θ_target ← m · θ_target + (1 − m) · θ_online,
 
 with a momentum ``m`` that is either constant (MoCo, ``m = 0.999``) or follows BYOL's cosine
-schedule from a base value to 1 (:func:`teacher_momentum`). Only *parameters* are averaged: a
+schedule from a base value to 1 (:func:`teacher_momentum`). The base is a profile setting
+(:attr:`~medssl_kit.config.PretrainSettings.ema_momentum`): the papers' 0.996 at ``gpu``, lower
+on the short CPU profiles, whose teachers would otherwise still hold a large share of their
+random initialisation when the run ends (:func:`init_share`). Only *parameters* are averaged: a
 target network's buffers (batch-norm running statistics) are its own, updated by its own forward
 passes (Mean-Teacher / BYOL / MoCo practice).
 """
@@ -30,6 +33,14 @@ def teacher_momentum(k: int, total: int, base: float = 0.996) -> float:
     pixel-global paper's λ).
     """
     return 1.0 - (1.0 - base) * (math.cos(math.pi * k / total) + 1.0) / 2.0
+
+
+def init_share(total: int, base: float) -> float:
+    """The share of its initial weights an EMA target still holds after ``total`` updates with
+    :func:`teacher_momentum` (``∏_k m_k``; the target of a constant online network moves to
+    it by ``1 −`` this). About ``exp(−(1 − base) · total / 2)``.
+    """
+    return math.prod(teacher_momentum(k, total, base) for k in range(total))
 
 
 def frozen_copy(module: ModuleT) -> ModuleT:

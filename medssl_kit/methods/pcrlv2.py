@@ -383,11 +383,10 @@ class PCRLv2(PretrainMethod):
 
     @classmethod
     def backbone_kwargs(cls, profile: str, spatial_dims: int, backbone: str) -> dict[str, Any]:
-        """The non-skip UNet (nsUNet): ``unet`` with the profile's fine-tuning widths, or
-        ``resunet`` (the paper's 2D ResNet-18 pyramid) with its skips off."""
-        if backbone == "resunet":
-            return {"skips": False}
-        return {"skips": False, "channels": list(get_profile(profile).finetune.channels)}
+        """The non-skip UNet (nsUNet): the profile's fine-tuning ``unet`` or ``resunet`` (the
+        paper's 2D pyramid is a ResNet-18: the ``resunet`` of the CPU profiles; ``gpu`` builds
+        the ResNet-50 that every method is fine-tuned in there) with its skips off."""
+        return {"skips": False}
 
     # --- batches -----------------------------------------------------------------------------
 

@@ -28,10 +28,15 @@ Choices the paper leaves open (or gets wrong), and why
 ------------------------------------------------------
 - **EMA formula.** Eq. 2 reads ``θ_t ← λ θ_s + (1 − λ) θ_s`` (θ_s twice, a typo); implemented is
   the EMA of BYOL/DINO that the text describes, ``θ_t ← λ θ_t + (1 − λ) θ_s``, with
-  ``λ_k = 1 − (1 − λ_0)(cos(π k / K) + 1) / 2``, ``λ_0 = 0.996`` (``base_momentum``), ``K`` the
-  run's steps and ``k`` the steps completed before this update (0 for the first, so the first
-  update uses 0.996 and the last one ``1 − O(K⁻²)``). Only parameters are averaged; the teacher's
-  batch-norm statistics are its own (updated by its forward passes, Mean-Teacher practice).
+  ``λ_k = 1 − (1 − λ_0)(cos(π k / K) + 1) / 2``, ``K`` the run's steps and ``k`` the steps
+  completed before this update (0 for the first, so the first update uses ``λ_0`` and the last
+  one ``1 − O(K⁻²)``). ``λ_0`` (``base_momentum``) is the paper's 0.996 at ``gpu``; that value is
+  made for ~10^5 steps, and after ``K`` steps the teacher still holds about
+  ``exp(−(1 − λ_0) K / 2)`` of its random initialisation (0.45 at the ``cpu`` budget's 400
+  steps), so the CPU profiles lower it: the profile's ``ema_momentum`` (0.99) at ``smoke``, 0.98
+  at ``cpu`` for its 400 steps (a share of 0.018; :func:`~medssl_kit.methods.ema.init_share`).
+  Only parameters are averaged; the teacher's batch-norm statistics are its own (updated by its
+  forward passes, Mean-Teacher practice).
 - **Temperatures and centring** (DINO's values; the paper only says "softmax"): student
   ``τ_s = 0.1``, teacher ``τ_t = 0.04``, teacher logits centred by a running mean with momentum
   0.9 (``student_temp``, ``teacher_temp``, ``center_momentum``). The pixel softmax uses its own
@@ -76,10 +81,19 @@ Choices the paper leaves open (or gets wrong), and why
 - **Uncertainty (eq. 6).** ``U`` is the predictive entropy of the mean of ``mc_samples = 20``
   teacher pixel distributions (the same centred, sharpened softmax as the targets), normalised by
   ``log K`` to [0, 1]; "average prediction entropy" is read as the entropy of the average
-  prediction (``U`` grows when the passes disagree). Efficiency: the teacher encoder runs once
-  (its features from the main teacher pass); only the decoder and pixel head are repeated, on
+  prediction (UA-MT's, the paper's ref. 23: ``U`` grows when the passes disagree, and with how
+  flat the teacher's output is). ``uncertainty_measure="mutual_information"`` keeps only the
+  disagreement of the passes (BALD: that entropy minus the passes' mean entropy), 0 wherever the
+  passes agree. **Batch norm in the passes normalises exactly as the pass that gave the
+  targets**: in training, with the batch statistics that pass used (each layer's, recorded during
+  the teacher's decoder pass and replayed as fixed statistics), in eval mode with the running
+  statistics; so the passes differ from the targets by their dropout masks alone (with dropout
+  off they reproduce the targets). Before, the passes ran with running statistics while the
+  targets used batch statistics, and early in training the two agreed on the top prototype for
+  only 11–28 % of pixels: ``1 − U`` tracked that mismatch. Efficiency: the teacher encoder runs
+  once (its features from the main teacher pass); only the decoder and pixel head are repeated, on
   the features repeated along the batch axis, ``mc_chunk`` passes per call (``None``: all 20 in
-  one call), under ``no_grad``, with batch norm in eval mode (running statistics). Dropout masks
+  one call), under ``no_grad``; the replayed statistics make any chunking equal. Dropout masks
   are drawn explicitly, from one generator per pass seeded from the batch (forward hooks on the
   decoder's ``nn.Dropout`` layers, which otherwise stay off): any chunking gives the same ``U``
   as a loop of single passes, results are reproducible, and the global RNG is untouched. The
@@ -116,13 +130,15 @@ Choices the paper leaves open (or gets wrong), and why
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from medssl_kit.config import get_profile
 from medssl_kit.data.augment import randint
@@ -160,6 +176,7 @@ SETTINGS: dict[str, Any] = {
     **ABLATIONS["Ours"],
     "mc_samples": 20,
     "mc_chunk": None,
+    "uncertainty_measure": "entropy",
     "student_temp": 0.1,
     "teacher_temp": 0.04,
     "pixel_student_temp": 0.1,
@@ -178,10 +195,13 @@ SETTINGS: dict[str, Any] = {
 # The cpu profile's budget (≤ 10 minutes on 2 cores; docstring "Optimisation"): 64² views, the
 # paper's 20 MC-dropout passes, 400 steps. Measured with benchmarks/bench_pretrain.py on a quiet
 # 2-core machine: 1.36 s/step (64², 20 passes) against 3.5 s/step at the profile's 96² crops.
-CPU_BUDGET: dict[str, Any] = {"steps": 400, "crop_size": (64, 64)}
+# At 400 steps the profile's EMA base (0.99) would leave 0.13 of the teacher's random
+# initialisation in it at the end (methods.ema.init_share); 0.98 leaves 0.018.
+CPU_BUDGET: dict[str, Any] = {"steps": 400, "crop_size": (64, 64), "base_momentum": 0.98}
 # Keys the pre-training loop adds to every method's settings.
 _LOOP_KEYS = ("crop_size", "patch_size")
 DROPOUT = 0.1
+UNCERTAINTY_MEASURES = ("entropy", "mutual_information")
 
 
 def _swapped(pair: ViewPair) -> ViewPair:
@@ -238,6 +258,47 @@ class _PassDropout:
             handle.remove()
 
 
+class _BatchStatistics:
+    """The batch statistics a module's batch-norm layers normalised with in one train-mode pass,
+    replayed as fixed statistics in later passes.
+
+    :meth:`recording` notes each layer's per-channel mean and (biased) variance of its input;
+    within :meth:`replaying` those layers run in eval mode with the noted values as their running
+    statistics, so a replayed pass normalises every row exactly as the recorded pass did, and
+    however its rows are batched. The layers' own buffers and modes are restored afterwards.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+        self.stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def _record(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        x = inputs[0].detach()
+        dims = [0, *range(2, x.ndim)]
+        self.stats[module] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = [m.register_forward_pre_hook(self._record) for m in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        saved = [(m, m.training, m.running_mean, m.running_var) for m in self.stats]
+        try:
+            for m, (mean, var) in self.stats.items():
+                m.eval()
+                m.running_mean, m.running_var = mean, var
+            yield
+        finally:
+            for m, training, mean, var in saved:
+                m.training, m.running_mean, m.running_var = training, mean, var
+
+
 class PixelGlobal(PretrainMethod):
     """Pixel-global SSL with the uncertainty-aware context stabilizer (see the module docstring).
 
@@ -274,6 +335,11 @@ class PixelGlobal(PretrainMethod):
             )
         if cfg["transfer"] not in ("student", "teacher"):
             raise MedsslError("pixel_global: transfer must be 'student' or 'teacher'")
+        if cfg["uncertainty_measure"] not in UNCERTAINTY_MEASURES:
+            raise MedsslError(
+                f"pixel_global: uncertainty_measure must be one of {UNCERTAINTY_MEASURES}, "
+                f"got {cfg['uncertainty_measure']!r}"
+            )
         if int(cfg["mc_samples"]) < 1:
             raise MedsslError(f"pixel_global: mc_samples must be >= 1, got {cfg['mc_samples']}")
         if self.uses_uncertainty and not backbone.dropout_layers:
@@ -304,13 +370,14 @@ class PixelGlobal(PretrainMethod):
     @classmethod
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """The method's settings and, for ``gpu``, the paper's loop settings (see the docstring)."""
+        settings = {**SETTINGS, "base_momentum": get_profile(profile).pretrain.ema_momentum}
         if profile == "cpu":
-            return {**SETTINGS, "mc_chunk": 1, **CPU_BUDGET}
+            return {**settings, "mc_chunk": 1, **CPU_BUDGET}
         if profile != "gpu":
-            return {**SETTINGS, "mc_chunk": 1}
+            return {**settings, "mc_chunk": 1}
         warmup = round(get_profile(profile).pretrain.steps * 2 / 500)
         return {
-            **SETTINGS,
+            **settings,
             "global_hidden": 2048,
             "global_dim": 1024,
             "pixel_hidden": 128,
@@ -326,12 +393,9 @@ class PixelGlobal(PretrainMethod):
 
     @classmethod
     def backbone_kwargs(cls, profile: str, spatial_dims: int, backbone: str) -> dict[str, Any]:
-        """Decoder dropout for MC dropout; a ResNet-50 encoder for ``resunet`` on ``gpu`` (the
-        paper's ResUNet50), ResNet-18 otherwise; small ``unet`` widths at smoke."""
-        if backbone == "resunet":
-            return {"backbone": "resnet50" if profile == "gpu" else "resnet18", "dropout": DROPOUT}
-        if backbone == "unet" and profile == "smoke":
-            return {"channels": (8, 16, 32, 64, 128), "dropout": DROPOUT}
+        """Decoder dropout for MC dropout, on the profile's fine-tuning network
+        (:func:`~medssl_kit.config.architecture_kwargs`: at ``gpu`` the ``resunet`` is the
+        paper's ResUNet50)."""
         return {"dropout": DROPOUT}
 
     @property
@@ -439,8 +503,11 @@ class PixelGlobal(PretrainMethod):
             return terms
 
         s_pix = self.pixel_head(student.decode(s_enc)[0][-1])
-        with torch.no_grad():
+        # the uncertainty passes normalise as this target pass does (its batch statistics)
+        norm_stats = _BatchStatistics(teacher) if teacher.training else None
+        with torch.no_grad(), norm_stats.recording() if norm_stats else nullcontext():
             t_pix = teacher["pixel_head"](teacher["backbone"].decode(t_enc)[0][-1])
+        with torch.no_grad():
             t_probs = L.teacher_probs(t_pix, self.center_pixel, cfg["pixel_teacher_temp"])
         if s_pix.shape[2:] != views.shape[2:]:
             raise MedsslError(
@@ -455,7 +522,9 @@ class PixelGlobal(PretrainMethod):
             stabilizer = self._matched_discrepancy(s_pix[n2:], t_probs[n2:][partner], grid)
         uncertainty = None
         if self.uses_uncertainty:
-            own = self.teacher_uncertainty([f[:n2] for f in t_enc], int(batch["mc_seed"]))
+            own = self.teacher_uncertainty(
+                [f[:n2] for f in t_enc], int(batch["mc_seed"]), norm_stats=norm_stats
+            )
             uncertainty = _warp(own[partner][:, None], grid)[:, 0]
         terms["local"] = L.local_consistency_loss(
             discrepancy, valid, stabilizer, uncertainty, cfg["stabilizer_form"]
@@ -480,15 +549,22 @@ class PixelGlobal(PretrainMethod):
 
     @torch.no_grad()
     def teacher_uncertainty(
-        self, encoder_feats: Sequence[Tensor], seed: int, chunk: int | None = None
+        self,
+        encoder_feats: Sequence[Tensor],
+        seed: int,
+        chunk: int | None = None,
+        norm_stats: _BatchStatistics | None = None,
     ) -> Tensor:
         """Eq. 6's ``U [N, *S]`` on the teacher's own pixels, from its encoder features.
 
-        ``mc_samples`` passes of the teacher's decoder and pixel head with dropout active and
-        batch norm in eval mode; the encoder features are repeated along the batch axis so that
-        ``chunk`` passes (default ``mc_chunk``, else all) run in one call. Pass ``t``'s dropout
-        masks come from a generator seeded ``seed + t``, so the result does not depend on
-        ``chunk``. Returns the normalised predictive entropy of the mean distribution.
+        ``mc_samples`` passes of the teacher's decoder and pixel head with dropout active; batch
+        norm normalises with ``norm_stats`` (the target pass's recorded batch statistics) where
+        given, else with the running statistics (eval mode). The encoder features are repeated
+        along the batch axis so that ``chunk`` passes (default ``mc_chunk``, else all) run in
+        one call. Pass ``t``'s dropout masks come from a generator seeded ``seed + t``, so the
+        result does not depend on ``chunk``. Returns the normalised predictive entropy of the
+        mean distribution, or with ``uncertainty_measure="mutual_information"`` the passes'
+        disagreement (:func:`~medssl_kit.losses.pixel_global.mutual_information`).
         """
         teacher = self.teacher
         samples = int(self.cfg["mc_samples"])
@@ -499,21 +575,26 @@ class PixelGlobal(PretrainMethod):
         modes = [(m, m.training) for m in teacher.modules()]
         teacher.eval()
         masks = _PassDropout(teacher["backbone"].dropout_layers)
-        total: Tensor | None = None
+        total = torch.zeros(())
+        entropy = torch.zeros(())
         try:
-            for first in range(0, samples, chunk):
-                masks.generators = generators[first : first + chunk]
-                passes = len(masks.generators)
-                repeated = [f.repeat(passes, *([1] * (f.ndim - 1))) for f in encoder_feats]
-                logits = teacher["pixel_head"](teacher["backbone"].decode(repeated)[0][-1])
-                probs = L.teacher_probs(logits, self.center_pixel, self.cfg["pixel_teacher_temp"])
-                for p in probs.unflatten(0, (passes, n)):
-                    total = p if total is None else total + p
+            with norm_stats.replaying() if norm_stats else nullcontext():
+                for first in range(0, samples, chunk):
+                    masks.generators = generators[first : first + chunk]
+                    passes = len(masks.generators)
+                    repeated = [f.repeat(passes, *([1] * (f.ndim - 1))) for f in encoder_feats]
+                    logits = teacher["pixel_head"](teacher["backbone"].decode(repeated)[0][-1])
+                    probs = L.teacher_probs(
+                        logits, self.center_pixel, self.cfg["pixel_teacher_temp"]
+                    ).unflatten(0, (passes, n))
+                    total = total + probs.sum(0)
+                    entropy = entropy - torch.special.xlogy(probs, probs).sum((0, 2))
         finally:
             masks.remove()
             for module, flag in modes:
                 module.training = flag
-        assert total is not None  # samples >= 1
+        if self.cfg["uncertainty_measure"] == "mutual_information":
+            return L.mutual_information(total / samples, entropy / samples)
         return L.predictive_entropy(total / samples)
 
     @torch.no_grad()

@@ -31,16 +31,18 @@ Settings (``cfg``; :data:`SETTINGS`)
     slightly different distance per case. To keep a distance of ``d`` mm, set
     ``t = round(d / Δz)``. The phantom spans 240 mm in z: ``Δz`` = 15 mm at ``smoke`` (16 slices),
     5 mm at ``cpu`` (48), 2.5 mm at ``gpu`` (96), so ``t = 5`` is about 75, 25 and 12.5 mm.
-``normalize`` ("instance" or "none"; default "instance")
-    the paper's "each image is pre-processed by instance normalization": every slice — the input
-    ``x^j`` and each target / partner slice on its own — is z-scored per channel over its pixels,
-    ``(x − mean) / max(std, 0.01)`` (the floor keeps air-only slices from amplifying noise). Our
-    inputs are already windowed to [0, 1] (§2.3), so this is not needed for comparable intensities;
-    it is kept because it sets the scale of ``L_pretext``: on the [0, 1] phantom slices (variance
-    about 0.06) the MSEs are about 15× smaller, which would let ``λ L_sim`` with the paper's
-    ``λ = 1`` dominate SSMTL+. Fine-tuning feeds plain [0, 1] slices; the transferred first
-    convolution is followed by batch norm, which absorbs a global shift and scale of its input, so
-    the mismatch costs little. ``"none"`` keeps the [0, 1] slices.
+``normalize`` ("none" or "instance"; default "none")
+    ``"none"``: the slices as the manifest normalises them (windowed to [0, 1], §2.3), which is
+    what fine-tuning feeds the transferred network, so pre-training and fine-tuning see the same
+    inputs. ``"instance"`` is the paper's "each image is pre-processed by instance normalization":
+    every slice — the input ``x^j`` and each target / partner slice on its own — z-scored per
+    channel over its pixels, ``(x − mean) / max(std, 0.01)`` (the floor keeps air-only slices from
+    amplifying noise). It was the default until an independent review found the mismatch: the
+    network learned on per-slice z-scores and was fine-tuned on [0, 1] slices (batch norm absorbs a
+    shift and scale shared by a batch, not one per slice). A run pre-trained with ``"instance"``
+    records it (:attr:`input_normalization`) and fine-tuning refuses it. The paper's scale also
+    set the balance of SSMTL+: on [0, 1] slices (variance about 0.06) ``L_pretext`` is about 15×
+    smaller than on z-scored ones, so ``λ L_sim`` with the paper's ``λ = 1`` weighs more.
 ``image_size`` ((H, W) or None; default None)
     the paper resizes every slice to 256² (bilinear); ``None`` uses the slices as they are. Slices
     of one batch with different sizes are zero-padded (centred, after normalisation) to the
@@ -87,12 +89,12 @@ from medssl_kit.losses.ssmtl import pretext_loss, similarity_loss, total_loss
 from medssl_kit.methods.base import PretrainMethod
 from medssl_kit.models.heads import MLPHead
 
-NORMALIZATIONS = ("instance", "none")
+NORMALIZATIONS = ("none", "instance")
 
 SETTINGS: dict[str, Any] = {
     "t": 5,
     "plus": False,
-    "normalize": "instance",
+    "normalize": "none",
     "image_size": None,
     "lambda_sim": 1.0,
     "predictor_hidden": None,
@@ -194,16 +196,6 @@ class SSMTL(PretrainMethod):
             loop["batch_size"] = 16
         return {**loop, **SETTINGS, "plus": cls.plus}
 
-    @classmethod
-    def backbone_kwargs(cls, profile: str, spatial_dims: int, backbone: str) -> dict[str, Any]:
-        """``unet``: the profile's fine-tuning widths; ``resunet``: the paper's ResNet-50 encoder
-        at ``gpu``, ResNet-18 on CPU."""
-        if backbone == "resunet":
-            return {"backbone": "resnet50" if profile == "gpu" else "resnet18"}
-        if backbone == "unet":
-            return {"channels": list(get_profile(profile).finetune.channels)}
-        return {}
-
     # --- batches ------------------------------------------------------------------------------
 
     def _prepare(self, x: Tensor) -> Tensor:
@@ -279,6 +271,11 @@ class SSMTL(PretrainMethod):
             return self._neighbours(self.backbone.encode(images))
         finally:
             self.train(training)
+
+    @property
+    def input_normalization(self) -> str:
+        """``"instance"`` with per-slice z-scores, else the manifest's ``"window"``."""
+        return "instance" if self.cfg["normalize"] == "instance" else "window"
 
     def transferable_state(self) -> dict[str, Tensor]:
         """Encoder and decoder weights (SSMTL pre-trains both); not the heads or ``h``."""

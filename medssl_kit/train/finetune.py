@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from medssl_kit import __version__
 from medssl_kit.atomic import atomic_write_text
-from medssl_kit.config import get_profile
+from medssl_kit.config import architecture_kwargs, get_profile
 from medssl_kit.data.datasets import PatchDataset, SliceDataset, known_labels, load_volumes
 from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.manifest import Manifest, load_manifest
@@ -76,6 +76,8 @@ from medssl_kit.train.checkpoint import (
 )
 from medssl_kit.train.transfer import (
     KeyReport,
+    architecture_kwargs_of,
+    check_transferable_fits,
     load_transferable,
     read_transferable,
     save_transferable,
@@ -124,6 +126,9 @@ class FinetuneConfig:
     knn_k: int = DEFAULT_K
     knn_per_class: int = 1000
     knn_features: str = "decoder"
+    # A run folder whose network to build instead of the one these settings give (e.g. scratch
+    # built like a pre-trained init of another size); the run's method name then says so.
+    architecture_from: str | None = None
     # The split whose labelled cases are trained on: "train", or "pretrain" to train on the
     # pre-training pool's labels (a supervised start, the upper bound for what SSL on that pool
     # could transfer: `--init` a run made this way).
@@ -166,8 +171,10 @@ class FinetuneConfig:
         out.checkpoint_every = out.checkpoint_every or ft.checkpoint_every
         out.patch_size = tuple(out.patch_size or ft.patch_size)
         out.crop_size = tuple(out.crop_size or ft.crop_size)
-        if out.backbone == "unet":
-            out.backbone_kwargs = {"channels": list(ft.channels), **out.backbone_kwargs}
+        out.backbone_kwargs = {
+            **architecture_kwargs(prof.name, out.backbone),
+            **out.backbone_kwargs,
+        }
         return out
 
 
@@ -450,39 +457,34 @@ def build_model(
 ) -> tuple[nn.Module, str, KeyReport | None]:
     """The model a run of ``cfg`` (resolved) starts from: ``(model, method, key_report)``.
 
-    ``init`` is ``"scratch"`` or a run folder whose transferable weights are loaded (``method``
-    names where they come from, ``key_report`` what matched); ``model`` is the segmentation
-    backbone, or for ``mode`` ``classify`` / ``knn`` the classifier / frozen kNN segmenter
-    around it.
+    The network is a function of the fine-tuning settings alone (``cfg.backbone`` and its
+    resolved ``backbone_kwargs``: the profile's :func:`~medssl_kit.config.architecture_kwargs`
+    and the user's), so that scratch and every pre-trained start are the same network. ``init``
+    is ``"scratch"`` or a run folder whose transferable weights are loaded (``method`` names where
+    they come from, ``key_report`` what matched); a run of another structure is refused
+    (:func:`~medssl_kit.train.transfer.check_transferable_fits`). Only where the user asks for
+    it, ``cfg.architecture_from`` (a run folder) builds that run's network instead, e.g. scratch
+    like an init of another size; ``method`` then says so (``"scratch [pixel_global's
+    network]"``), and so does every report. ``model`` is the segmentation backbone, or for
+    ``mode`` ``classify`` / ``knn`` the classifier / frozen kNN segmenter around it.
     """
     in_channels = manifest.num_channels * (2 * cfg.context + 1 if cfg.dims == 2 else 1)
     out_channels = manifest.num_classes
+    name, kwargs = cfg.backbone, dict(cfg.backbone_kwargs)
+    if cfg.architecture_from:
+        name, kwargs = architecture_kwargs_of(cfg.architecture_from)
+    backbone = build_backbone(name, cfg.dims, in_channels, out_channels, **kwargs)
     method, report = "scratch", None
-    kwargs = dict(cfg.backbone_kwargs)
     if str(init) != "scratch":
-        run = Path(init)
-        header = read_transferable(run)
-        backbone_cfg, method = header["backbone"], header["method"]
-        if backbone_cfg["name"] != cfg.backbone:
-            raise MedsslError(
-                f"run '{run}' pre-trained a '{backbone_cfg['name']}' backbone but fine-tuning asks "
-                f"for '{cfg.backbone}'; pass --backbone {backbone_cfg['name']}"
-            )
-        # The pre-trained structure (widths, norm, ...), not a method's training-time dropout
-        # (pixel_global's MC dropout): every init is fine-tuned in the same architecture.
-        kwargs = {
-            k: v
-            for k, v in backbone_cfg.items()
-            if k not in ("name", "spatial_dims", "in_channels", "out_channels", "dropout")
-        } | {k: v for k, v in cfg.backbone_kwargs.items() if k != "channels"}
-        if cfg.mode == "full" and "skips" in kwargs:
-            kwargs["skips"] = True  # PCRLv2: a non-skip encoder is fine-tuned inside a skip UNet
-    backbone = build_backbone(cfg.backbone, cfg.dims, in_channels, out_channels, **kwargs)
-    if str(init) != "scratch":
+        header = read_transferable(init)
+        method = header["method"]
+        check_transferable_fits(header, backbone.config, init)
         report = load_transferable(backbone, Path(init), encoder_only=cfg.transfer == "encoder")
         if cfg.pretrained_lr_scale == 0:
-            for name, p in backbone.named_parameters():
-                p.requires_grad = p.requires_grad and name not in report.matched
+            for key, p in backbone.named_parameters():
+                p.requires_grad = p.requires_grad and key not in report.matched
+    if cfg.architecture_from:
+        method = f"{method} [{read_transferable(cfg.architecture_from)['method']}'s network]"
     if cfg.train_split != "train":  # trained on the pool's labels: not a scratch run any more
         method = "supervised" if method == "scratch" else f"{method}+supervised"
     if cfg.mode == "probe":

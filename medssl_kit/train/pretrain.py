@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medssl_kit import __version__
-from medssl_kit.config import get_profile
+from medssl_kit.config import architecture_kwargs, get_profile
 from medssl_kit.data.datasets import PatchDataset, SliceDataset, SliceSequenceDataset, load_volumes
 from medssl_kit.data.manifest import Manifest, load_manifest
 from medssl_kit.errors import MedsslError
@@ -120,6 +120,7 @@ class PretrainConfig:
             **out.method_cfg,
         }
         out.backbone_kwargs = {
+            **architecture_kwargs(prof.name, out.backbone),
             **method_cls.backbone_kwargs(prof.name, out.dims, out.backbone),
             **out.backbone_kwargs,
         }
@@ -238,6 +239,7 @@ def pretrain(
         method.backbone,
         method=method.name,
         state_dict=method.transferable_state(),
+        input_normalization=method.input_normalization,
     )
     history = read_jsonl(metrics_path)
     step_times = sorted(r["seconds"] for r in history if "seconds" in r)

@@ -2,8 +2,10 @@
 
 Every run (pre-training or fine-tuning) writes ``RUN_DIR/transferable.pt``: a dict with
 ``backbone`` (the config that rebuilds the backbone via ``build_backbone``), ``method`` (the
-pre-training method's name, ``scratch`` for a model trained from random weights), and
-``state_dict`` (the backbone's weights that the method considers transferable). Fine-tuning from
+pre-training method's name, ``scratch`` for a model trained from random weights),
+``state_dict`` (the backbone's weights that the method considers transferable) and
+``input_normalization`` (how the inputs it trained on were normalised: ``"window"``, the
+manifest's, unless a method says otherwise; files without it are ``"window"``). Fine-tuning from
 ``RUN_DIR`` builds the same backbone and loads the keys that match by name and shape, reporting
 loaded / missing / unexpected keys; a file from which nothing loads is an error, not a silent
 random initialisation.
@@ -11,6 +13,7 @@ random initialisation.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ def save_transferable(
     backbone: nn.Module,
     method: str,
     state_dict: dict[str, Tensor] | None = None,
+    input_normalization: str = "window",
 ) -> None:
     """Write ``backbone``'s config and ``state_dict`` (default: all its weights) atomically."""
     state = backbone.state_dict() if state_dict is None else state_dict
@@ -37,6 +41,7 @@ def save_transferable(
         {
             "backbone": dict(backbone.config),
             "method": method,
+            "input_normalization": input_normalization,
             "state_dict": {k: v.detach().cpu() for k, v in state.items()},
         },
     )
@@ -59,6 +64,65 @@ def read_transferable(path: str | Path) -> dict[str, Any]:
             "(expected keys 'backbone', 'method', 'state_dict')"
         )
     return data
+
+
+# Backbone options that are not structure: training-time dropout (pixel_global's MC dropout),
+# the logits' width (the head never transfers) and, for a non-skip ``unet``, ``skips`` (its
+# weights embed into the skip UNet, :meth:`~medssl_kit.models.unet.UNet.embed_nonskip_state`).
+_NOT_STRUCTURE = ("dropout", "out_channels")
+
+
+def architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """The structural part of a backbone config (``backbone.config`` or a run's record)."""
+    plain = json.loads(json.dumps(dict(config)))  # tuples as lists, as read back from a file
+    return {k: v for k, v in plain.items() if k not in _NOT_STRUCTURE}
+
+
+def describe_architecture(config: dict[str, Any]) -> str:
+    """``config``'s structure in one line, e.g. ``unet 2D (channels=[16, 32], norm='batch')``."""
+    arch = architecture(config)
+    options = ", ".join(
+        f"{k}={v!r}" for k, v in sorted(arch.items()) if k not in ("name", "spatial_dims")
+    )
+    return f"{arch.get('name')} {arch.get('spatial_dims')}D ({options})"
+
+
+def check_transferable_fits(header: dict[str, Any], built: dict[str, Any], run: Any) -> None:
+    """Refuse an init whose network differs from the one fine-tuning built (``built``: its
+    ``config``), or whose inputs were normalised otherwise; the error names both and the fix."""
+    norm = header.get("input_normalization", "window")
+    if norm != "window":
+        raise MedsslError(
+            f"run '{run}' was pre-trained on '{norm}'-normalised inputs, but fine-tuning feeds the "
+            "manifest's windowed intensities: its weights would meet inputs they never saw; "
+            "pre-train it again with the manifest's normalisation (e.g. ssmtl normalize=none)"
+        )
+    pre, own = architecture(header["backbone"]), architecture(built)
+    if pre.get("skips") is False and own.get("skips") is True:
+        pre["skips"] = True  # a non-skip encoder-decoder is fine-tuned inside the skip UNet
+    if pre != own:
+        raise MedsslError(
+            f"run '{run}' pre-trained a {describe_architecture(pre)}, but these fine-tuning "
+            f"settings build a {describe_architecture(own)}; every start must be fine-tuned in "
+            "the same network as scratch. Fine-tune all starts (scratch too) with the run's "
+            "structure (--backbone and --set backbone_kwargs=...), or, to build this one run "
+            f"like '{run}', pass --set architecture_from={run}"
+        )
+
+
+def architecture_kwargs_of(run: str | Path) -> tuple[str, dict[str, Any]]:
+    """``(backbone name, options)`` that build the network ``run`` trained, without its
+    training-time dropout, and with skips (a non-skip ``unet`` embeds into a skip one)."""
+    config = dict(read_transferable(run)["backbone"])
+    name = config.pop("name")
+    kwargs = {
+        k: v
+        for k, v in config.items()
+        if k not in ("spatial_dims", "in_channels", "out_channels", "dropout")
+    }
+    if "skips" in kwargs:
+        kwargs["skips"] = True
+    return name, kwargs
 
 
 def load_transferable(
