@@ -99,6 +99,13 @@ def _add_phantom(subparsers: argparse._SubParsersAction) -> None:
         help="make partially labelled sources (A: liver+lesion, B: kidneys, C: spleen+aorta)",
     )
     p.add_argument(
+        "--source-splits",
+        metavar="SPLITS",
+        help="with --sources: give sources only to the cases of these splits, e.g. pretrain "
+        "(a partially labelled pool for MixCL); other splits stay fully labelled "
+        "(default: every split)",
+    )
+    p.add_argument(
         "--profile",
         choices=sorted(PROFILES),
         help="profile for the defaults (default: $MEDSSL_PROFILE, else cpu)",
@@ -114,6 +121,9 @@ def _run_phantom(args: argparse.Namespace) -> int:
     cases = args.cases if args.cases is not None else settings.cases
     shape = tuple(args.shape) if args.shape is not None else settings.shape
     sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
+    extra: dict[str, list[str]] = {}  # only when given: without the flag, the call is unchanged
+    if args.source_splits is not None:
+        extra["source_splits"] = [s.strip() for s in args.source_splits.split(",") if s.strip()]
     # The profile's split counts apply to its own case count; otherwise the generator scales them.
     split = dict(settings.split) if cases == settings.cases else None
     started = time.perf_counter()
@@ -128,6 +138,7 @@ def _run_phantom(args: argparse.Namespace) -> int:
             sources=sources,
             split=split,
             workers=args.workers,
+            **extra,
         )
     except ValueError as err:  # the generator rejects arguments it cannot honour
         raise UsageError(str(err)) from err
@@ -250,7 +261,12 @@ def _add_run_arguments(p: argparse.ArgumentParser, set_help: str) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), help="default: $MEDSSL_PROFILE or cpu")
     p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        help="default: 2 (pretrain: the method's, e.g. 3D mixcl)",
+    )
     p.add_argument("--backbone", metavar="NAME", help="default: unet, or the method's")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="override the profile")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -376,7 +392,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         labeled=args.labeled,
         seed=args.seed,
         backbone=args.backbone or "unet",
-        dims=args.dims,
+        dims=args.dims or 2,
         steps=args.steps,
     )
     _apply_overrides(cfg, args.set)

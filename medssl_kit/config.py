@@ -157,10 +157,11 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def architecture_kwargs(profile: str | None, backbone: str) -> dict[str, object]:
+def architecture_kwargs(profile: str | None, backbone: str, dims: int = 2) -> dict[str, object]:
     """The structure of a profile's fine-tuned ``backbone``: the ``unet`` widths, the ``resunet``
-    ResNet (ResNet-18 on CPU, the pixel-global paper's ResNet-50 at ``gpu``); nothing for the
-    others (their defaults).
+    ResNet (ResNet-18 on CPU, the pixel-global paper's ResNet-50 at ``gpu``), the ``unetr``'s
+    fixed input size (the fine-tuning patch in 3D, crop in 2D; inference tiles whole slices and
+    volumes with it); nothing for the others (their defaults).
 
     Fine-tuning builds this network for every start, scratch included, and every pre-training
     method starts from it (adding only what training needs, e.g. decoder dropout), so that a
@@ -171,6 +172,8 @@ def architecture_kwargs(profile: str | None, backbone: str) -> dict[str, object]
         return {"channels": list(ft.channels)}
     if backbone == "resunet":
         return {"backbone": ft.resnet}
+    if backbone == "unetr":
+        return {"img_size": list(ft.patch_size if dims == 3 else ft.crop_size)}
     return {}
 
 

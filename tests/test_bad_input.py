@@ -239,6 +239,24 @@ def test_label_value_not_in_labels(dataset, capsys):
     check_data_problem(dataset, capsys, ["seg_07.nii.gz", "label value 9 is neither"])
 
 
+def test_label_value_not_in_the_sources_label_map(dataset, capsys):
+    def pool(m):  # the case comes from a dataset numbering its labels the other way round
+        m["sources"] = {"msd": {"classes": [1, 2], "label_map": {"1": 2, "2": 1}}}
+        m["cases"][1]["source"] = "msd"
+
+    edit_manifest(dataset, pool)
+    assert main(["validate", str(dataset)]) == 0  # 1 and 2 are in the map: all is well
+    capsys.readouterr()
+    label = label_array()
+    label[0, 0, 0], label[0, 0, 1] = 3, 9  # 9 is not a class either: still one problem
+    write_nifti(dataset.parent / "labels" / "seg_07.nii.gz", label)
+    check_data_problem(
+        dataset,
+        capsys,
+        ["seg_07.nii.gz", "label values [3, 9] are not in source 'msd''s label_map (1, 2)"],
+    )
+
+
 def test_non_integer_labels(dataset, capsys):
     label = label_array().astype(np.float32)
     label[3, 3, 3] = 1.5

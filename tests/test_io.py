@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -258,3 +259,96 @@ def test_volume_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     write_nifti(tmp_path / "img.nii.gz", ramp().astype(np.int16) + 1)
     with pytest.raises(AssertionError, match="decoded again"):
         load_volumes(m, "train", cache_dir=cache)
+
+
+# --- per-source label maps (pooled, partially labelled datasets) --------------------------------
+
+
+def mapped_manifest(root: Path, label_file_zyx: np.ndarray, **label_map_source) -> object:
+    """A manifest with three classes and source "S" (files numbered 1 = c, 2 = a, 7 = b)."""
+    write_nifti(root / "img.nii.gz", np.zeros(label_file_zyx.shape, np.int16))
+    write_nifti(root / "lab.nii.gz", label_file_zyx)
+    return manifest_for(
+        root,
+        [
+            {"id": "s", "image": "img.nii.gz", "label": "lab.nii.gz", "split": "train"}
+            | label_map_source,
+            {"id": "plain", "image": "img.nii.gz", "label": "lab.nii.gz", "split": "pretrain"},
+        ],
+        labels={"0": "background", "1": "a", "2": "b", "3": "c"},
+        sources={
+            "S": {"classes": [1, 2, 3], "label_map": {"1": 3, "2": 1, "7": 2}},
+            "L": [1, 2],
+        },
+    )
+
+
+def test_label_map_remaps_on_reading_voxel_for_voxel(tmp_path):
+    rng = np.random.default_rng(4)
+    stored = rng.choice(np.array([0, 1, 2, 7, 255], np.uint8), size=(6, 10, 12))
+    m = mapped_manifest(tmp_path, stored, source="S")
+    case = m.get_case("s")
+    assert m.label_map(case) == {1: 3, 2: 1, 7: 2}
+    assert m.label_map(m.get_case("plain")) is None  # no source: the file holds manifest classes
+    # file value → manifest class; 0 and ignore_index 255 stay; 1 ↔ 2 swap uses the file's values
+    lut = np.arange(256)
+    lut[[1, 2, 7]] = [3, 1, 2]
+    expected = lut[stored]
+    vol = io.load_case(case, m)
+    assert vol.label.dtype == torch.int64
+    np.testing.assert_array_equal(vol.label[0].numpy(), expected)
+    # read_raw keeps the file's values (validation checks them against the map)
+    np.testing.assert_array_equal(io.read_raw(case, m).label[0].numpy(), stored)
+    # validation counts voxels per manifest class
+    checked = io.check_raw(io.read_raw(case, m), case, m)
+    assert checked.problems == []
+    values, counts = np.unique(expected, return_counts=True)
+    assert checked.label_counts == dict(zip(values.tolist(), counts.tolist(), strict=True))
+    # with resampling the map is applied too (nearest: only manifest classes come out)
+    resampled = io.load_case(case, m, target_spacing=(2.5, 0.8, 0.7))
+    assert set(resampled.label.unique().tolist()) == {0, 1, 2, 3, 255}
+    assert resampled.label[0, ::2].numpy().tolist() == expected.tolist()
+    # the same file in an unmapped case (no source) is read as it is: 7 is not a class there
+    with pytest.raises(ManifestError, match="label value 7 is neither a class"):
+        io.load_case(m.get_case("plain"), m)
+
+
+def test_the_volume_cache_follows_an_edited_label_map(tmp_path):
+    stored = np.zeros((4, 6, 5), np.uint8)
+    stored[1, 2, 3], stored[2, 3, 4] = 1, 2
+    m = mapped_manifest(tmp_path, stored, source="S")
+    cache = tmp_path / "cache"
+    first = {v.case_id: v for v in load_volumes(m, "train", cache_dir=cache)}["s"]
+    assert (first.label[0, 1, 2, 3], first.label[0, 2, 3, 4]) == (3, 1)
+    data = m.to_dict()
+    data["sources"]["S"]["label_map"] = {"1": 1, "2": 3, "7": 2}  # same classes, other map
+    data["base_dir"] = str(m.base_dir)
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    edited = load_manifest(tmp_path / "edited.json")
+    again = {v.case_id: v for v in load_volumes(edited, "train", cache_dir=cache)}["s"]
+    assert (again.label[0, 1, 2, 3], again.label[0, 2, 3, 4]) == (1, 3)
+
+
+def test_label_map_applies_to_float_label_files_and_a_source_list_maps_nothing(tmp_path):
+    stored = np.zeros((4, 6, 5), np.float32)
+    stored[1, 2, 3], stored[2, 3, 4], stored[3, 0, 0] = 1.0, 2.0, 7.0
+    m = mapped_manifest(tmp_path, stored, source="S")
+    label = io.load_case(m.get_case("s"), m).label[0]
+    assert (label[1, 2, 3], label[2, 3, 4], label[3, 0, 0]) == (3, 1, 2)
+    assert int((label != 0).sum()) == 3
+    listed = mapped_manifest(tmp_path / "list", (stored == 1).astype(np.uint8), source="L")
+    assert listed.label_map(listed.get_case("s")) is None
+    label = io.load_case(listed.get_case("s"), listed).label[0]
+    assert label[1, 2, 3] == 1 and int(label.sum()) == 1
+
+
+def test_remap_labels_widens_keeps_metadata_and_leaves_the_input_alone():
+    label = torch.tensor([[0, 1, 2, 255]], dtype=torch.uint8)
+    out = io.remap_labels(label, {1: 300, 2: 1})
+    assert out.dtype == torch.int32 and out.tolist() == [[0, 300, 1, 255]]
+    assert label.tolist() == [[0, 1, 2, 255]]
+    assert io.remap_labels(label, {1: 1, 2: 2}) is label  # identity: nothing to do
+    meta = MetaTensor(label, affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
+    mapped = io.remap_labels(meta, {2: 5})
+    assert isinstance(mapped, MetaTensor) and mapped.tolist() == [[0, 1, 5, 255]]
+    assert torch.equal(mapped.affine, meta.affine)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from medssl_kit.cli import main
 from medssl_kit.data.manifest import (
     ManifestProblems,
     import_msd,
@@ -372,3 +374,199 @@ def test_import_msd_errors(tmp_path):
 def test_template_manifest_follows_the_schema():
     m = load_manifest(REPO / "data_manifests" / "template.json")
     assert m.name and m.cases
+
+
+# --- per-source label maps (pooled, partially labelled datasets) --------------------------------
+
+MAPPED_SOURCES = {
+    "A": [1, 7],
+    "B": {"classes": [2], "label_map": {"1": 2, "3": 0, "4": 255}},
+    "C": {"classes": [1, 7], "label_map": {"0": 0, "1": 7, "2": 1, "5": 1}},
+}
+
+
+def test_label_map_schema_round_trip(tmp_path):
+    data = json.loads(json.dumps(FULL))
+    data["sources"] = MAPPED_SOURCES
+    data["cases"][0]["source"] = "B"
+    data["cases"][2]["source"] = "C"
+    m = load_manifest(write_json(tmp_path / "m.json", data))
+    assert m.sources == {"A": [1, 7], "B": [2], "C": [1, 7]}
+    assert m.label_maps == {"B": {1: 2, 3: 0, 4: 255}, "C": {0: 0, 1: 7, 2: 1, 5: 1}}
+    assert m.label_map(m.get_case("c0")) == {1: 2, 3: 0, 4: 255}
+    assert m.label_map(m.get_case("c1")) is None  # no source
+    assert m.labelled_classes(m.get_case("c0")) == [2]
+    assert m.labelled_classes(m.get_case("c2")) == [1, 7]
+    assert m.to_dict() == data
+    again = load_manifest(write_json(tmp_path / "again.json", m.to_dict()))
+    assert again == parse_manifest(m.to_dict(), tmp_path, path=again.path)
+    assert again.to_dict() == data and again.label_maps == m.label_maps
+    assert parse_manifest(m.to_dict(), tmp_path, path=m.path) == m
+    # list-only sources keep no label maps at all
+    assert load_manifest(write_json(tmp_path / "plain.json", FULL)).label_maps is None
+
+
+def _mapped(**spec_of_b) -> dict:
+    data = json.loads(json.dumps(FULL))
+    data["sources"] = {"A": [1, 7], "B": spec_of_b}
+    data["cases"][0]["source"] = "B"
+    return data
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"classes": [2], "labelmap": {"1": 2}},
+            "unknown 'sources.B' key 'labelmap' (did you mean 'label_map'?)",
+        ),
+        ({"classes": [2], "label_map": {"1": 2}, "map": {}}, "unknown 'sources.B' key 'map'"),
+        ({"classes": [2]}, "'sources.B' lacks the key 'label_map'"),
+        ({"label_map": {"1": 2}}, "'sources.B' lacks the key 'classes'"),
+        ({"classes": [2], "label_map": {"one": 2}}, "'sources.B.label_map' key 'one' must be"),
+        ({"classes": [2], "label_map": {"1.0": 2}}, "'sources.B.label_map' key '1.0' must be"),
+        ({"classes": [2], "label_map": {"-1": 2}}, "'sources.B.label_map' key '-1' must be"),
+        ({"classes": [2], "label_map": {"1": 9}}, "maps file value 1 to 9, which is neither"),
+        ({"classes": [2], "label_map": {"1": "2"}}, "entry '1' must map to a class index"),
+        ({"classes": [2], "label_map": {"1": 2.0}}, "entry '1' must map to a class index"),
+        ({"classes": [2], "label_map": {"1": 2, "255": 2}}, "maps ignore_index 255"),
+        ({"classes": [2], "label_map": {"0": 2}}, "maps file value 0 to 2; 0 is background"),
+        ({"classes": [2], "label_map": {"1": 2, "01": 7}}, "lists the file value 1 twice"),
+        ({"classes": [2], "label_map": {}}, "'sources.B.label_map' must be a non-empty object"),
+        ({"classes": [2], "label_map": [[1, 2]]}, "'sources.B.label_map' must be a non-empty"),
+        ({"classes": [2, 7], "label_map": {"1": 2}}, "'sources.B.classes' [2, 7] differs"),
+        ({"classes": [9], "label_map": {"1": 2}}, "'sources.B.classes' lists [9], which are not"),
+        ({"classes": [], "label_map": {"1": 2}}, "'sources.B.classes' must be a non-empty list"),
+    ],
+)
+def test_label_map_schema_errors(tmp_path, spec, message):
+    path = write_json(tmp_path / "m.json", _mapped(**spec))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert not isinstance(info.value, ManifestProblems), str(info.value)  # one problem only
+    assert message in str(info.value) and "m.json" in str(info.value)
+
+
+def test_a_source_must_be_a_list_or_an_object(tmp_path):
+    data = json.loads(json.dumps(FULL))
+    data["sources"]["B"] = "2"
+    with pytest.raises(ManifestError, match=r"'sources.B' must be a list of class indices .* or"):
+        load_manifest(write_json(tmp_path / "m.json", data))
+
+
+def test_label_map_errors_are_reported_with_the_others(tmp_path):
+    data = _mapped(classes=[2], label_map={"x": 2, "3": 8})
+    data["colour"] = "blue"
+    with pytest.raises(ManifestProblems) as info:
+        load_manifest(write_json(tmp_path / "m.json", data))
+    messages = [str(p) for p in info.value.problems]
+    assert len(messages) == 3, messages  # the case of source B is not reported on top
+    assert any("key 'x'" in msg for msg in messages)
+    assert any("file value 3 to 8" in msg for msg in messages)
+
+
+# --- the worked example: data_manifests/pooled_liver_spleen_kits.json ---------------------------
+
+EXAMPLE = REPO / "data_manifests" / "pooled_liver_spleen_kits.json"
+# Each source's file layout, as its archive unpacks, and the label values its files hold.
+EXAMPLE_LAYOUT = {
+    "liver": (
+        r"Task03_Liver/imagesTr/(liver_\d+)\.nii\.gz",
+        r"Task03_Liver/labelsTr/(liver_\d+)\.nii\.gz",
+    ),
+    "spleen": (
+        r"Task09_Spleen/imagesTr/(spleen_\d+)\.nii\.gz",
+        r"Task09_Spleen/labelsTr/(spleen_\d+)\.nii\.gz",
+    ),
+    "kits": (
+        r"kits19/data/(case_\d{5})/imaging\.nii\.gz",
+        r"kits19/data/(case_\d{5})/segmentation\.nii\.gz",
+    ),
+}
+# Stand-in label files: voxels per value of the dataset's own numbering (MSD Liver: 1 liver,
+# 2 tumour; MSD Spleen: 1 spleen; KiTS19: 1 kidney, 2 tumour).
+STAND_IN_VOXELS = {"liver": {1: 40, 2: 6}, "spleen": {1: 25}, "kits": {1: 18, 2: 4}}
+
+
+def _stand_in_label(counts: dict[int, int], shape=(8, 16, 16)) -> np.ndarray:
+    label = np.zeros(int(np.prod(shape)), np.uint8)
+    start = 17
+    for value, n in counts.items():
+        label[start : start + n] = value
+        start += n + 5
+    return label.reshape(shape)
+
+
+def build_example_stand_in(root: Path) -> Path:
+    """Tiny NIfTI stand-ins at the example's exact paths, and a copy of the example manifest
+    next to them (only ``base_dir`` changed); return the copy's path."""
+    data = json.loads(EXAMPLE.read_text())
+    rng = np.random.default_rng(0)
+    for case in data["cases"]:
+        image_pattern, label_pattern = EXAMPLE_LAYOUT[case["source"]]
+        image_match = re.fullmatch(image_pattern, case["image"])
+        label_match = re.fullmatch(label_pattern, case["label"])
+        assert image_match and label_match, case
+        assert image_match[1] == label_match[1] == case["id"], case
+        image = rng.integers(-200, 300, size=(8, 16, 16)).astype(np.int16)
+        write_nifti(root / case["image"], image, spacing=(2.5, 0.8, 0.8))
+        label = _stand_in_label(STAND_IN_VOXELS[case["source"]])
+        write_nifti(root / case["label"], label, spacing=(2.5, 0.8, 0.8))
+    data["base_dir"] = "."
+    return write_json(root / EXAMPLE.name, data)
+
+
+def test_pooled_example_manifest_validates_in_the_pooled_label_space(tmp_path, capsys):
+    raw = json.loads(EXAMPLE.read_text())
+    assert raw["base_dir"] == "../data/pooled"
+    m = load_manifest(EXAMPLE)
+    assert m.labels == {
+        0: "background",
+        1: "liver",
+        2: "liver tumour",
+        3: "spleen",
+        4: "kidney",
+        5: "kidney tumour",
+    }
+    assert m.sources == {"liver": [1, 2], "spleen": [3], "kits": [4, 5]}
+    assert m.label_maps == {"liver": {1: 1, 2: 2}, "spleen": {1: 3}, "kits": {1: 4, 2: 5}}
+    assert {c.split for c in m.cases} == {"pretrain"}
+    per_source = {s: sum(c.source == s for c in m.cases) for s in m.sources}
+    assert min(per_source.values()) >= 2 and all(c.labelled for c in m.cases)
+
+    path = build_example_stand_in(tmp_path / "pooled")
+    before = folder_hash(tmp_path / "pooled")
+    stand_in = load_manifest(path)
+    assert stand_in.to_dict() == {**m.to_dict(), "base_dir": "."}
+    report = validate_manifest(stand_in, splits_required=("pretrain",))
+    assert report.ok, [str(p) for p in report.problems]
+    expected = {c: 0 for c in range(6)}
+    for case in stand_in.cases:
+        for value, n in STAND_IN_VOXELS[case.source].items():
+            expected[stand_in.label_maps[case.source][value]] += n
+    assert expected == {
+        0: 0,
+        1: 40 * per_source["liver"],
+        2: 6 * per_source["liver"],
+        3: 25 * per_source["spleen"],
+        4: 18 * per_source["kits"],
+        5: 4 * per_source["kits"],
+    }
+    totals = {c: 0 for c in range(6)}
+    for info in report.cases:
+        for value, n in info.label_counts.items():
+            totals[value] += n
+    assert {c: n for c, n in totals.items() if c} == {c: n for c, n in expected.items() if c}
+    assert set(totals) == set(range(6))  # nothing outside the pooled label space
+    lines = report.summary_table().splitlines()
+    spleen = next(line.split() for line in lines if line.split()[:2] == ["3", "spleen"])
+    assert spleen[-1] == str(expected[3])
+    kidney = next(line.split() for line in lines if line.split()[:2] == ["4", "kidney"])
+    assert kidney[-1] == str(expected[4])
+    assert any(line.split()[:1] == ["kits"] and "1->4, 2->5" in line for line in lines)
+
+    # the CLI agrees: exit 0 for the pre-training pool
+    assert main(["validate", str(path), "--require-splits", "pretrain"]) == 0
+    out, err = capsys.readouterr()
+    assert "OK: no problems found" in out and err == ""
+    assert folder_hash(tmp_path / "pooled") == before  # validation only reads

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from medssl_kit.cli import main
 from medssl_kit.config import PROFILES
+from medssl_kit.data.manifest import load_manifest, validate_manifest
 from medssl_kit.data.phantom import (
     CONTRAST_PHASES,
     DEFAULT_FOV_MM,
@@ -485,6 +487,83 @@ def test_make_phantom_with_sources(tmp_path):
         assert set(np.unique(label)) <= {0, *SOURCE_CLASSES[entry["source"]]}
     b_label, _, _ = _read(tmp_path / "labelsTr" / "case_001.nii.gz")
     assert {3, 4} <= set(np.unique(b_label))
+
+
+def _source_split_phantom(out, **kwargs):
+    split = {"pretrain": 5, "train": 2, "val": 1, "test": 1}
+    path = make_phantom(
+        out, cases=9, seed=5, shape=SMALL, sources=["A", "B", "C"], split=split, workers=1, **kwargs
+    )
+    return path, json.loads(path.read_text())
+
+
+def test_source_splits_keep_the_other_splits_fully_labelled(tmp_path):
+    path, manifest = _source_split_phantom(tmp_path / "a", source_splits=["pretrain"])
+    cases = manifest["cases"]
+    assert manifest["sources"] == {"A": [1, 7], "B": [3, 4], "C": [2, 5]}
+    assert manifest["generator"]["source_splits"] == ["pretrain"]
+    pool = [c for c in cases if c["split"] == "pretrain"]
+    others = [c for c in cases if c["split"] != "pretrain"]
+    assert len(pool) == 5 and len(others) == 4
+    # round-robin over the pool's cases, in case order; the other splits get no source
+    assert [c["source"] for c in pool] == ["A", "B", "C", "A", "B"]
+    assert all("source" not in c for c in others)
+    for entry in cases:
+        index = int(entry["id"].split("_")[1])
+        label, _, _ = _read(path.parent / entry["label"])
+        expected = generate_case(index, seed=5, shape=SMALL, source=entry.get("source"))
+        assert np.array_equal(label, expected.label), entry["id"]
+        if "source" not in entry:  # all labels: more classes than any one source annotates
+            assert len(set(np.unique(label)) - {0}) > 2, entry["id"]
+    m = load_manifest(path)
+    assert validate_manifest(m).ok
+    assert all(
+        m.labelled_classes(c) == m.foreground_classes for c in m.cases if c.split != "pretrain"
+    )
+
+    # deterministic: the same arguments give the same manifest and identical arrays
+    again_path, again = _source_split_phantom(tmp_path / "b", source_splits=["pretrain"])
+    assert again["cases"] == cases
+    for entry in cases:
+        for key in ("image", "label"):
+            first, _, _ = _read(path.parent / entry[key])
+            second, _, _ = _read(again_path.parent / entry[key])
+            assert first.tobytes() == second.tobytes()
+
+    # every split named (or none) is today's behaviour: every case round-robin, nothing recorded
+    _, default = _source_split_phantom(tmp_path / "c")
+    _, every = _source_split_phantom(
+        tmp_path / "d", source_splits=["test", "val", "train", "pretrain"]
+    )
+    assert default == every and "source_splits" not in default["generator"]
+    assert [c["source"] for c in default["cases"]] == ["A", "B", "C"] * 3
+
+
+def test_source_splits_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="source_splits needs sources"):
+        make_phantom(tmp_path / "a", cases=4, shape=SMALL, source_splits=["pretrain"])
+    for bad in (["training"], [], ["train", "train"]):
+        with pytest.raises(ValueError, match="source_splits must be distinct split names"):
+            make_phantom(tmp_path / "b", cases=4, shape=SMALL, sources=["A"], source_splits=bad)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_source_splits(tmp_path, capsys):
+    out = tmp_path / "ph"
+    argv = ["phantom", "--out", str(out), "--cases", "6", "--shape", "8", "32", "32"]
+    argv += ["--sources", "B,A", "--workers", "1"]
+    assert main([*argv, "--source-splits", "pretrain, test"]) == 0
+    cases = json.loads((out / "manifest.json").read_text())["cases"]
+    assert default_split(6) == {"pretrain": 3, "train": 1, "val": 1, "test": 1}
+    with_source = [c for c in cases if "source" in c]
+    assert [c["split"] in ("pretrain", "test") for c in cases] == ["source" in c for c in cases]
+    assert [c["source"] for c in with_source] == ["B", "A", "B", "A"]  # 3 pretrain + 1 test
+    capsys.readouterr()
+    assert main(["phantom", "--out", str(tmp_path / "x"), "--source-splits", "pretrain"]) == 2
+    assert main([*argv, "--source-splits", "pretraining"]) == 2
+    err = capsys.readouterr().err
+    assert "source_splits needs sources" in err and "'pretraining'" in err
+    assert "Traceback" not in err
 
 
 # --- make_phantom ------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ def _cache_file(
             "sources": manifest.sources,
             "source": case.source,
         }
+        label_map = manifest.label_map(case)
+        if label_map is not None:  # only then: earlier cache entries stay valid
+            stamp["label_map"] = sorted(label_map.items())
     except OSError:
         return None  # load_case reports the missing file
     digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]

@@ -5,7 +5,9 @@ pydicom), made channel-first and reoriented to RAS, so the tensor is ``[C, x, y,
 permuted to the project's in-memory order ``[C, z, y, x]`` = ``[C, D, H, W]`` (axial slices first)
 and spacings are reported as (z, y, x) in millimetres. :func:`load_case` additionally resamples to
 a target spacing (bilinear for images, nearest for labels) and maps intensities to [0, 1] (CT:
-clip to the manifest's HU window; MR: clip to per-volume percentiles) as float32.
+clip to the manifest's HU window; MR: clip to per-volume percentiles) as float32, and returns the
+label in the manifest's label space: a case of a source with a ``label_map`` (data pooled from
+datasets that number their labels differently) has its file values mapped to the manifest's classes.
 
 Every reader failure becomes a :class:`~medssl_kit.errors.ManifestError` naming the case and file.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +67,9 @@ _TO_RAS = Orientation(axcodes="RAS", labels=_RAS_LABELS)
 class RawCase:
     """A case as stored, reoriented to RAS but neither resampled nor rescaled.
 
-    ``image`` is ``[C, D, H, W]`` and ``label`` ``[1, D, H, W]`` (or ``None``) in the files' dtypes.
+    ``image`` is ``[C, D, H, W]`` and ``label`` ``[1, D, H, W]`` (or ``None``) in the files' dtypes;
+    the label holds the file's values, *not* mapped by its source's ``label_map`` (so that
+    :func:`check_raw` can report values the map lacks; :func:`load_case` applies the map).
     ``spacing`` is (z, y, x) in mm. ``affine`` / ``label_affine`` are the reoriented volumes' 4×4
     RAS affines (index order x, y, z, as in NIfTI); ``original_affine`` is the image file's own.
     """
@@ -86,7 +90,11 @@ class RawCase:
 
 @dataclass
 class RawCheck:
-    """Problems found in one case by :func:`check_raw`, and its label voxel counts (value → n)."""
+    """Problems found in one case by :func:`check_raw`, and its label voxel counts (value → n).
+
+    The counts are in the manifest's label space: a mapped source's file values are counted as the
+    classes they map to (values its map lacks are reported, not counted).
+    """
 
     problems: list[ManifestError] = field(default_factory=list)
     label_counts: dict[int, int] | None = None
@@ -96,7 +104,8 @@ class RawCheck:
 class CaseVolume:
     """A preprocessed case, ready for the datasets.
 
-    ``image``: float32 ``[C, D, H, W]`` in [0, 1]; ``label``: int64 ``[1, D, H, W]`` or ``None``;
+    ``image``: float32 ``[C, D, H, W]`` in [0, 1]; ``label``: int64 ``[1, D, H, W]`` or ``None``,
+    in the manifest's label space (classes of ``labels``, or ``ignore_index``);
     ``spacing``: (z, y, x) mm after resampling. ``affine`` is the 4×4 RAS affine of the returned
     volume in NIfTI index order (x, y, z): ``image[0].permute(2, 1, 0)`` saved with it lies in
     register with the source. ``original_affine`` is the image file's own affine.
@@ -357,8 +366,11 @@ def check_raw(raw: RawCase, case: Case, manifest: Manifest) -> RawCheck:
     """Check a read case against the manifest; return every problem and the label voxel counts.
 
     Checks: channel count; NaN / infinite intensities; label channel count, shape and affine
-    against the image; non-integer label values; values that are neither classes in ``labels`` nor
-    ``ignore_index``; for a case with a source, classes that source does not annotate.
+    against the image; non-integer label values; for a source with a ``label_map``, file values
+    that are neither keys of the map nor 0 or ``ignore_index`` (one problem for all of them); values
+    (after the map) that are neither classes in ``labels`` nor ``ignore_index``; for a case with a
+    source, classes that source does not annotate. The voxel counts are in the manifest's label
+    space.
     """
     result = RawCheck()
 
@@ -407,6 +419,9 @@ def check_raw(raw: RawCase, case: Case, manifest: Manifest) -> RawCheck:
             label_path,
         )
     counts, non_integer = _label_values(label)
+    label_map = manifest.label_map(case)
+    if label_map is not None:
+        counts = _map_counts(counts, label_map, case, manifest, problem)
     result.label_counts = dict(sorted(counts.items()))
     if non_integer:
         examples = ", ".join(f"{v:g}" for v in non_integer)
@@ -443,6 +458,56 @@ def check_raw(raw: RawCase, case: Case, manifest: Manifest) -> RawCheck:
     return result
 
 
+def _map_counts(
+    counts: Counter,
+    label_map: Mapping[int, int],
+    case: Case,
+    manifest: Manifest,
+    problem: Callable[[str, Path | None], None],
+) -> Counter:
+    """File-value voxel counts → manifest-class counts; report file values the map lacks."""
+    kept = (0, manifest.ignore_index)
+    unmapped = sorted(v for v in counts if v not in label_map and v not in kept)
+    if unmapped:
+        keys = ", ".join(str(k) for k in sorted(label_map))
+        shown = ", ".join(map(str, unmapped[:10])) + (", ..." if len(unmapped) > 10 else "")
+        problem(
+            f"label values [{shown}] are not in source '{case.source}''s label_map ({keys}); "
+            f"add them to 'sources.{case.source}.label_map' (a value may map to 0 for background "
+            f"or to ignore_index {manifest.ignore_index} for unknown), or fix the case's source",
+            case.label_path,
+        )
+    mapped: Counter = Counter()
+    for value, n in counts.items():
+        if value in label_map:
+            mapped[label_map[value]] += n
+        elif value in kept:
+            mapped[value] += n
+    return mapped
+
+
+def remap_labels(label: torch.Tensor, label_map: Mapping[int, int]) -> torch.Tensor:
+    """``label`` with every value ``k`` of ``label_map`` replaced by ``label_map[k]``.
+
+    Values that are not keys (0, ``ignore_index``) are kept. Every replacement looks at the
+    original values, so a map may swap classes. Returns a new tensor of the same kind (a
+    MetaTensor keeps its metadata), widened to int32 if an integer dtype cannot hold a target;
+    ``label`` itself is not changed. A map that changes nothing returns ``label``.
+    """
+    changes = {int(k): int(v) for k, v in label_map.items() if int(k) != int(v)}
+    if not changes:
+        return label
+    out = label
+    if not label.is_floating_point():
+        info = torch.iinfo(label.dtype)
+        if max(changes.values()) > info.max or min(changes.values()) < info.min:
+            out = label.to(torch.int32)
+    out = out.clone()
+    for value, target in changes.items():
+        out[label == value] = target
+    return out
+
+
 def resampled_shape(
     shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]
 ) -> tuple[int, int, int]:
@@ -459,11 +524,16 @@ def load_case(
     """Read, check and preprocess one case (§2.3).
 
     ``target_spacing`` (z, y, x) mm defaults to the manifest's ``target_spacing``; with neither,
-    the volume keeps its own spacing. Raises :class:`ManifestError` naming the case and file for
-    unreadable files and for every problem :func:`check_raw` finds.
+    the volume keeps its own spacing. The label is returned in the manifest's label space: for a
+    case of a source with a ``label_map``, file values are mapped to the manifest's classes
+    (:func:`remap_labels`). Raises :class:`ManifestError` naming the case and file for unreadable
+    files and for every problem :func:`check_raw` finds.
     """
     image, label, original_affine = _read_pair(case)
     raise_problems(check_raw(_raw(case, image, label, original_affine), case, manifest).problems)
+    label_map = manifest.label_map(case)
+    if label is not None and label_map is not None:
+        label = remap_labels(label, label_map)
     image = image.to(torch.float32)
     target = target_spacing if target_spacing is not None else manifest.target_spacing
     if target is not None:

@@ -49,6 +49,7 @@ _TOP_KEYS = (
     "cases",
 )
 _REQUIRED_TOP_KEYS = ("name", "modality", "labels", "cases")
+_SOURCE_KEYS = ("classes", "label_map")
 _CASE_KEYS = ("id", "image", "label", "split", "source")
 _REQUIRED_CASE_KEYS = ("id", "image", "split")
 
@@ -134,7 +135,11 @@ class Manifest:
 
     ``base_dir`` is absolute; ``base_dir_raw`` is the value as written (for :meth:`to_dict`).
     ``labels`` maps class index → name (0 is background). ``target_spacing`` is (z, y, x) in mm.
-    ``sources`` maps a source name to the foreground classes its cases annotate.
+    ``sources`` maps a source name to the foreground classes its cases annotate (manifest classes).
+    ``label_maps`` holds, for each source whose files number their labels differently, its label
+    map: label value in the files → manifest class (or 0 = background, or ``ignore_index``); the
+    files of other sources, and of cases without a source, already hold manifest classes. It is
+    ``None`` when no source has a map.
     """
 
     name: str
@@ -146,6 +151,7 @@ class Manifest:
     intensity: Intensity = field(default_factory=lambda: Intensity("window", *DEFAULT_CT_WINDOW))
     target_spacing: tuple[float, float, float] | None = None
     sources: dict[str, list[int]] | None = None
+    label_maps: dict[str, dict[int, int]] | None = None
     channels: list[str] | None = None
     generator: dict[str, Any] | None = None
     description: str | None = None
@@ -193,6 +199,18 @@ class Manifest:
             return sorted(self.sources[case.source])
         return self.foreground_classes
 
+    def label_map(self, case: Case) -> dict[int, int] | None:
+        """The map from the values in a case's label file to the manifest's classes; ``None`` when
+        the file already holds manifest classes (no source, or a source given as a plain list).
+
+        File values 0 (background) and ``ignore_index`` are never in a map and stay as they are.
+        :func:`medssl_kit.data.io.load_case` applies the map; validation reports any other value
+        that is not a key of it.
+        """
+        if case.source is None or not self.label_maps:
+            return None
+        return self.label_maps.get(case.source)
+
     def to_dict(self) -> dict[str, Any]:
         """The manifest's JSON form (``load_manifest`` of it gives back an equal manifest)."""
         out: dict[str, Any] = {"name": self.name}
@@ -208,7 +226,18 @@ class Manifest:
         if self.target_spacing is not None:
             out["target_spacing"] = list(self.target_spacing)
         if self.sources is not None:
-            out["sources"] = {k: list(v) for k, v in self.sources.items()}
+            maps = self.label_maps or {}
+            out["sources"] = {
+                name: (
+                    {
+                        "classes": list(classes),
+                        "label_map": {str(k): v for k, v in sorted(maps[name].items())},
+                    }
+                    if name in maps
+                    else list(classes)
+                )
+                for name, classes in self.sources.items()
+            }
         if self.generator is not None:
             out["generator"] = self.generator
         out["cases"] = [c.to_dict() for c in self.cases]
@@ -325,7 +354,7 @@ class _SchemaChecker:
             self.error(f"'ignore_index' {ignore_index} is also a class in 'labels'")
         intensity = self.intensity(data, modality)
         target_spacing = self.target_spacing(data)
-        sources = self.sources(data, labels)
+        sources, label_maps = self.sources(data, labels, ignore_index)
         generator = data.get("generator")
         if generator is not None and not isinstance(generator, dict):
             self.error(f"'generator' must be an object, got {_type_name(generator)}")
@@ -346,6 +375,7 @@ class _SchemaChecker:
             intensity=intensity,
             target_spacing=target_spacing,
             sources=sources,
+            label_maps=label_maps or None,
             channels=channels,
             generator=generator,
             description=description,
@@ -441,29 +471,132 @@ class _SchemaChecker:
             return None
         return (float(value[0]), float(value[1]), float(value[2]))
 
-    def sources(self, data: dict, labels: dict[int, str] | None) -> dict[str, list[int]] | None:
+    def sources(
+        self, data: dict, labels: dict[int, str] | None, ignore_index: int
+    ) -> tuple[dict[str, list[int]] | None, dict[str, dict[int, int]]]:
+        """Parse ``sources``: each source's classes and, for the object form, its label map."""
         value = data.get("sources")
         if value is None:
-            return None
+            return None, {}
         if not isinstance(value, dict) or not value:
             self.error(
                 f"'sources' must be an object like {{\"A\": [1, 7]}}, got {_type_name(value)}"
             )
-            return None
+            return None, {}
         sources: dict[str, list[int]] = {}
-        for name, classes in value.items():
+        label_maps: dict[str, dict[int, int]] = {}
+        for name, spec in value.items():
             sources[name] = []  # known even when invalid, so its cases are not reported too
-            if not (isinstance(classes, list) and classes and all(_is_int(c) for c in classes)):
-                self.error(f"'sources.{name}' must be a non-empty list of class indices")
-                continue
-            bad = [c for c in classes if c == 0 or (labels is not None and c not in labels)]
-            if bad:
+            if isinstance(spec, dict):
+                parsed = self.source_object(name, spec, labels, ignore_index)
+                if parsed is not None:
+                    sources[name], label_maps[name] = parsed
+            elif isinstance(spec, list):
+                classes = self.source_classes(f"sources.{name}", spec, labels)
+                if classes is not None:
+                    sources[name] = classes
+            else:
                 self.error(
-                    f"'sources.{name}' lists {bad}, which are not foreground classes in 'labels'"
+                    f"'sources.{name}' must be a list of class indices such as [1, 7], or an "
+                    'object {"classes": [...], "label_map": {"<file value>": <class>, ...}}, '
+                    f"got {_type_name(spec)}"
                 )
-                continue
-            sources[name] = sorted(set(classes))
-        return sources
+        return sources, label_maps
+
+    def source_classes(
+        self, where: str, classes: Any, labels: dict[int, str] | None
+    ) -> list[int] | None:
+        """A source's foreground classes (sorted, distinct), or ``None`` after an error."""
+        if not (isinstance(classes, list) and classes and all(_is_int(c) for c in classes)):
+            self.error(f"'{where}' must be a non-empty list of class indices")
+            return None
+        bad = [c for c in classes if c == 0 or (labels is not None and c not in labels)]
+        if bad:
+            self.error(f"'{where}' lists {bad}, which are not foreground classes in 'labels'")
+            return None
+        return sorted(set(classes))
+
+    def source_object(
+        self, name: str, spec: dict, labels: dict[int, str] | None, ignore_index: int
+    ) -> tuple[list[int], dict[int, int]] | None:
+        """Parse ``{"classes": [...], "label_map": {...}}``; ``None`` after an error."""
+        where = f"sources.{name}"
+        before = len(self.problems)
+        unknown = [key for key in spec if key not in _SOURCE_KEYS]
+        for key in unknown:
+            self.error(_unknown_key_message(key, _SOURCE_KEYS, f"'{where}' key"))
+        for key in _SOURCE_KEYS:
+            misspelt = any(difflib.get_close_matches(u, [key], n=1) for u in unknown)
+            if key not in spec and not misspelt:  # a typo is reported once, with its hint
+                self.error(
+                    f"'{where}' lacks the key '{key}'; a source given as an object needs both "
+                    "'classes' and 'label_map' (a plain list of classes means no label map)"
+                )
+        classes = (
+            self.source_classes(f"{where}.classes", spec["classes"], labels)
+            if "classes" in spec
+            else None
+        )
+        label_map = (
+            self.source_label_map(where, spec["label_map"], labels, ignore_index)
+            if "label_map" in spec
+            else None
+        )
+        if len(self.problems) > before or classes is None or label_map is None:
+            return None
+        reached = sorted({v for v in label_map.values() if v not in (0, ignore_index)})
+        if reached != classes:
+            self.error(
+                f"'{where}.classes' {classes} differs from the foreground classes its "
+                f"'label_map' maps to {reached}; list exactly the classes the map produces"
+            )
+            return None
+        return classes, label_map
+
+    def source_label_map(
+        self, where: str, value: Any, labels: dict[int, str] | None, ignore_index: int
+    ) -> dict[int, int] | None:
+        """A source's ``label_map`` as {file value: manifest class}, or ``None`` after an error."""
+        if not isinstance(value, dict) or not value:
+            self.error(
+                f"'{where}.label_map' must be a non-empty object like {{\"1\": 3}} (label value "
+                f"in the source's files -> class in 'labels'), got {_type_name(value)}"
+            )
+            return None
+        known = "" if labels is None else f" ({', '.join(str(k) for k in sorted(labels))})"
+        label_map: dict[int, int] = {}
+        before = len(self.problems)
+        for key, target in value.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                self.error(
+                    f"'{where}.label_map' key '{key}' must be a label value of the source's "
+                    'files: a non-negative integer written as a string, e.g. "1"'
+                )
+            elif int(key) in label_map:
+                self.error(f"'{where}.label_map' lists the file value {int(key)} twice")
+            elif int(key) == ignore_index:
+                self.error(
+                    f"'{where}.label_map' maps ignore_index {ignore_index}, which always stays "
+                    "ignore_index; remove that entry"
+                )
+            elif not _is_int(target):
+                self.error(
+                    f"'{where}.label_map' entry '{key}' must map to a class index (an integer), "
+                    f"got {_type_name(target)}"
+                )
+            elif target != ignore_index and labels is not None and target not in labels:
+                self.error(
+                    f"'{where}.label_map' maps file value {key} to {target}, which is neither "
+                    f"a class in 'labels'{known} nor ignore_index {ignore_index}"
+                )
+            elif int(key) == 0 and target != 0:
+                self.error(
+                    f"'{where}.label_map' maps file value 0 to {target}; 0 is background in "
+                    "every file and always stays 0"
+                )
+            else:
+                label_map[int(key)] = target
+        return label_map if len(self.problems) == before else None
 
     def cases(
         self, data: dict, base_dir: Path, sources: dict[str, list[int]] | None
@@ -571,7 +704,8 @@ class CaseInfo:
 
     ``shape`` is (z, y, x) voxels as stored, ``spacing`` (z, y, x) in mm; ``resampled_shape`` is
     the shape after resampling to the manifest's ``target_spacing`` (``shape`` when it has none).
-    ``label_counts`` maps label value → voxel count.
+    ``label_counts`` maps label value → voxel count, in the manifest's label space (a mapped
+    source's file values are counted as the classes they map to).
     """
 
     case_id: str
@@ -618,7 +752,8 @@ def validate_manifest(
 
     Checks: image / label file exists and is readable (NIfTI, DICOM series); image and label
     agree in shape and affine; image intensities are finite; label values are integers listed in
-    ``labels`` (or ``ignore_index``); labels of a source's case only use that source's classes;
+    ``labels`` (or ``ignore_index``), or, for a source with a ``label_map``, keys of that map (or 0
+    or ``ignore_index``); labels of a source's case only use that source's classes;
     every volume (after resampling to ``target_spacing``) is at least ``patch_size`` (z, y, x);
     every split in ``splits_required`` has a case. By default "train" and "test" are required —
     what fine-tuning and evaluation need; pass ``()`` for a pre-training-only manifest. Schema
@@ -772,15 +907,23 @@ def _summary_table(report: ValidationReport) -> str:
     )
     if manifest.sources:
         lines += ["", "sources"]
-        src_rows = [
-            [
+        maps = manifest.label_maps or {}
+        src_rows = []
+        for name, classes in manifest.sources.items():
+            row = [
                 name,
                 ", ".join(manifest.labels[c] for c in classes),
                 str(sum(1 for c in manifest.cases if c.source == name)),
             ]
-            for name, classes in manifest.sources.items()
-        ]
-        lines += _table(["source", "annotates", "cases"], src_rows, "llr")
+            if maps:  # file value -> manifest class; "-": the files hold manifest classes
+                row.append(
+                    ", ".join(f"{k}->{v}" for k, v in sorted(maps[name].items()))
+                    if name in maps
+                    else "-"
+                )
+            src_rows.append(row)
+        header = ["source", "annotates", "cases", *(["label map (file -> class)"] if maps else [])]
+        lines += _table(header, src_rows, "llrl"[: len(header)])
     lines.append("")
     lines.append(
         "OK: no problems found"

@@ -1350,6 +1350,7 @@ def make_phantom(
     sources: list[str] | None = None,
     split: dict[str, int] | None = None,
     workers: int = 2,
+    source_splits: list[str] | None = None,
 ) -> pathlib.Path:
     """Write ``cases`` phantom cases and their manifest into ``out_dir``; return the manifest path.
 
@@ -1358,7 +1359,10 @@ def make_phantom(
     as in :func:`generate_case`. Splits get the counts of ``split`` (default
     :func:`default_split`) in a seeded random order. With ``sources`` (e.g. ``["A", "B", "C"]``)
     cases are assigned to sources round-robin and only carry their source's classes; the manifest
-    lists each source's classes under ``"sources"``.
+    lists each source's classes under ``"sources"``. ``source_splits`` (e.g. ``["pretrain"]``, as
+    MixCL needs: a partially labelled pool, a fully labelled fine-tuning task) restricts this to
+    the cases of those splits, assigned round-robin in case order; cases of other splits keep all
+    labels and get no ``"source"``. Default: every split (every case gets a source).
 
     ``workers`` processes generate cases in parallel (the files do not depend on it); as with any
     multiprocessing, a script calling this with ``workers > 1`` needs the
@@ -1379,6 +1383,16 @@ def make_phantom(
         if bad or not sources or len(set(sources)) != len(sources):
             raise ValueError(
                 f"sources must be distinct names from {sorted(SOURCE_CLASSES)}, got {sources}"
+            )
+    if source_splits is not None:
+        source_splits = [str(s) for s in source_splits]
+        if sources is None:
+            raise ValueError("source_splits needs sources (e.g. sources=['A', 'B', 'C'])")
+        unknown = [s for s in source_splits if s not in SPLITS]
+        if unknown or not source_splits or len(set(source_splits)) != len(source_splits):
+            raise ValueError(
+                f"source_splits must be distinct split names from {list(SPLITS)}, "
+                f"got {source_splits}"
             )
     counts = _check_split(split, cases) if split is not None else default_split(cases)
     out = pathlib.Path(out_dir)
@@ -1408,6 +1422,9 @@ def make_phantom(
             "split": counts,
         },
     }
+    partial = source_splits is not None and set(source_splits) != set(SPLITS)
+    if partial:  # recorded only when it changes the data, so earlier phantoms stay reusable
+        manifest["generator"]["source_splits"] = [s for s in SPLITS if s in source_splits]
     if sources:
         manifest["sources"] = {s: SOURCE_CLASSES[s] for s in sources}
     path = out / "manifest.json"
@@ -1418,7 +1435,12 @@ def make_phantom(
     for f in stale:
         f.unlink(missing_ok=True)
 
-    case_sources = [sources[i % len(sources)] if sources else None for i in range(cases)]
+    split_of = _assign_splits(cases, counts, seed)
+    case_sources: list[str | None] = [None] * cases
+    if sources:  # round-robin, in case order, over the cases of the source splits
+        eligible = [i for i in range(cases) if not partial or split_of[i] in (source_splits or ())]
+        for k, i in enumerate(eligible):
+            case_sources[i] = sources[k % len(sources)]
     jobs = [(out, i, seed, shape, spacing, modality, case_sources[i]) for i in range(cases)]
     n_proc = max(1, min(int(workers), cases))
     if n_proc == 1:
@@ -1431,9 +1453,7 @@ def make_phantom(
             list(pool.map(_write_case, jobs))
 
     entries = []
-    for i, (cid, split_name) in enumerate(
-        zip(ids, _assign_splits(cases, counts, seed), strict=True)
-    ):
+    for i, (cid, split_name) in enumerate(zip(ids, split_of, strict=True)):
         entry = {
             "id": cid,
             "image": f"imagesTr/{cid}.nii.gz",

@@ -11,7 +11,9 @@ A method declares which dataset it consumes (``dataset_kind``):
 - ``"sequences"``: :class:`~medssl_kit.data.datasets.SliceSequenceDataset` items (SSMTL);
 - ``"patches"``: :class:`~medssl_kit.data.datasets.PatchDataset` items (3D methods);
 - ``"volumes"``: whole :class:`~medssl_kit.data.io.CaseVolume` objects (methods that crop
-  themselves, e.g. PCRLv2's sub-crop or two overlapping crops of one volume).
+  themselves, e.g. PCRLv2's sub-crop or two overlapping crops of one volume);
+- ``"pooled_volumes"``: the *labelled* volumes, each with the other volumes of its source
+  (``{"volume", "partners", "ignore_index"}``; MixCL).
 
 and its defaults: ``default_config(profile, dims)`` returns the method's own settings plus
 overrides of the loop's settings (optimizer, lr, steps, ...), following its paper; deviations are
@@ -25,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-DATASET_KINDS = ("slices", "sequences", "patches", "volumes")
+DATASET_KINDS = ("slices", "sequences", "patches", "volumes", "pooled_volumes")
 
 
 class PretrainMethod(nn.Module):

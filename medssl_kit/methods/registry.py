@@ -37,6 +37,7 @@ def get_method(name: str) -> type[PretrainMethod]:
 
 register("pixel_global", "medssl_kit.methods.pixel_global:PixelGlobal")
 register("pcrlv2", "medssl_kit.methods.pcrlv2:PCRLv2")
+register("mixcl", "medssl_kit.methods.mixcl:MixCL")
 register("ssmtl", "medssl_kit.methods.ssmtl:SSMTL")
 register("ssmtl_plus", "medssl_kit.methods.ssmtl:SSMTLPlus")
 register("simsiam", "medssl_kit.methods.baselines:SimSiam")

@@ -172,7 +172,7 @@ class FinetuneConfig:
         out.patch_size = tuple(out.patch_size or ft.patch_size)
         out.crop_size = tuple(out.crop_size or ft.crop_size)
         out.backbone_kwargs = {
-            **architecture_kwargs(prof.name, out.backbone),
+            **architecture_kwargs(prof.name, out.backbone, out.dims),
             **out.backbone_kwargs,
         }
         return out
@@ -612,7 +612,7 @@ class _SegmentTask(_Task):
             model,
             vol.image,
             cfg.dims,
-            roi_size=cfg.patch_size if cfg.dims == 3 else None,
+            roi_size=cfg.patch_size if cfg.dims == 3 else getattr(model, "img_size", None),
             context=cfg.context,
         )
         return probs.argmax(0)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from medssl_kit import __version__
 from medssl_kit.config import architecture_kwargs, get_profile
 from medssl_kit.data.datasets import PatchDataset, SliceDataset, SliceSequenceDataset, load_volumes
+from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.manifest import Manifest, load_manifest
 from medssl_kit.errors import MedsslError
 from medssl_kit.methods.base import PretrainMethod
@@ -68,7 +69,7 @@ class PretrainConfig:
     method: str
     profile: str | None = None
     seed: int = 0
-    dims: int = 2
+    dims: int | None = None  # None: the method's first (2 for most; MixCL's 3)
     backbone: str | None = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     steps: int | None = None
@@ -83,7 +84,9 @@ class PretrainConfig:
     grad_clip: float | None = None
     crop_size: tuple[int, ...] | None = None
     patch_size: tuple[int, int, int] | None = None
-    splits: tuple[str, ...] = ("pretrain", "train")  # images only: labels are never read
+    # None: the method's, else ("pretrain", "train"), images only (MixCL: the pretrain split's
+    # labelled cases; the train split's labels are the budgeted fine-tuning labels)
+    splits: tuple[str, ...] | None = None
     method_cfg: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     amp: bool = False
@@ -94,6 +97,7 @@ class PretrainConfig:
         method_cls = get_method(self.method)
         out = copy.deepcopy(self)
         out.profile = prof.name
+        out.dims = method_cls.spatial_dims[0] if out.dims is None else out.dims
         if out.dims not in method_cls.spatial_dims:
             raise MedsslError(
                 f"method '{out.method}' runs in {method_cls.spatial_dims}-D, not {out.dims}-D"
@@ -108,6 +112,7 @@ class PretrainConfig:
             "crop_size": prof.pretrain.crop_size,
             "patch_size": prof.pretrain.patch_size,
             "backbone": method_cls.default_backbone,
+            "splits": ("pretrain", "train"),
             **{k: v for k, v in defaults.items() if k in loop_names},
         }
         for key, value in base.items():
@@ -115,12 +120,13 @@ class PretrainConfig:
                 setattr(out, key, value)
         out.crop_size = tuple(out.crop_size)
         out.patch_size = tuple(out.patch_size)
+        out.splits = tuple(out.splits)
         out.method_cfg = {
             **{k: v for k, v in defaults.items() if k not in loop_names},
             **out.method_cfg,
         }
         out.backbone_kwargs = {
-            **architecture_kwargs(prof.name, out.backbone),
+            **architecture_kwargs(prof.name, out.backbone, out.dims),
             **method_cls.backbone_kwargs(prof.name, out.dims, out.backbone),
             **out.backbone_kwargs,
         }
@@ -258,13 +264,15 @@ def pretrain(
 
 
 def build_dataset(method_cls: type[PretrainMethod], manifest: Manifest, cfg: PretrainConfig) -> Any:
-    """The unlabelled dataset ``method_cls`` consumes, from ``cfg.splits`` of ``manifest``."""
+    """The dataset ``method_cls`` consumes, from ``cfg.splits`` of ``manifest``."""
     volumes = load_volumes(manifest, list(cfg.splits))
     if not volumes:
         raise MedsslError(
             f"manifest '{manifest.display_path}' has no case in splits {', '.join(cfg.splits)}"
         )
     kind = method_cls.dataset_kind
+    if kind == "pooled_volumes":
+        return pooled_volumes(volumes, manifest, cfg.splits)
     if kind == "slices":
         return SliceDataset(volumes, context=0, skip_empty=True, with_label=False)
     if kind == "sequences":
@@ -280,6 +288,27 @@ def build_dataset(method_cls: type[PretrainMethod], manifest: Manifest, cfg: Pre
             volumes, cfg.patch_size, foreground_ratio=0.0, seed=cfg.seed, with_label=False
         )
     return volumes
+
+
+def pooled_volumes(
+    volumes: list[CaseVolume], manifest: Manifest, splits: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """The labelled ``volumes``, each as ``{"volume", "partners", "ignore_index"}`` with the other
+    labelled volumes of its source (the manifest's ``source``; one source without them)."""
+    labelled = [v for v in volumes if v.label is not None]
+    if not labelled:
+        raise MedsslError(
+            f"manifest '{manifest.display_path}' has no labelled case in splits "
+            f"{', '.join(splits)}: this method pre-trains on labels as well as images"
+        )
+    return [
+        {
+            "volume": v,
+            "partners": [o for o in labelled if o.source == v.source and o is not v],
+            "ignore_index": manifest.ignore_index,
+        }
+        for v in labelled
+    ]
 
 
 def load_method(run_dir: str | Path) -> PretrainMethod:
