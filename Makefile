@@ -1,7 +1,7 @@
 # The two commands the README leads with. Both work on a fresh machine with Python >= 3.10 and pip.
 PYTHON ?= python3
 PROFILE ?= cpu
-METHODS ?= pixel_global,pcrlv2,ssmtl,ssmtl_plus,simsiam,byol,mocov2,models_genesis
+METHODS ?= pixel_global,pcrlv2,mixcl,ssmtl,ssmtl_plus,simsiam,byol,mocov2,models_genesis
 VENV := .venv
 BIN := $(VENV)/bin
 

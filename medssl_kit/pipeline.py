@@ -4,7 +4,8 @@
 
 1. ``data`` — ``00_data_prep``: the profile's phantom (or the given manifest), validated;
 2. ``pretrain-<method>`` per method — the method's own notebook (``10`` pixel-global, ``11``
-   PCRLv2, ``13`` SSMTL / SSMTL+) or ``15_pretrain_baselines`` for the baselines;
+   PCRLv2, ``12`` MixCL on the common 2D ``unet``, with the pipeline's manifest as its pool,
+   ``13`` SSMTL / SSMTL+) or ``15_pretrain_baselines`` for the baselines;
 3. ``finetune-<init>`` for ``scratch`` and every pre-trained method — ``20_finetune`` over the
    label budgets × seeds;
 4. ``compare`` — ``40_compare``: label-efficiency curves, tables, Wilcoxon tests, ``report.html``
@@ -49,6 +50,7 @@ PIPELINE_FILE = "pipeline.json"
 PRETRAIN_NOTEBOOKS: dict[str, tuple[str, dict[str, Any]]] = {
     "pixel_global": ("10_pretrain_pixel_global.ipynb", {}),
     "pcrlv2": ("11_pretrain_pcrlv2.ipynb", {"dims": 2}),
+    "mixcl": ("12_pretrain_mixcl.ipynb", {"dims": 2, "backbone": "unet"}),
     "ssmtl": ("13_pretrain_ssmtl.ipynb", {"variant": "ssmtl"}),
     "ssmtl_plus": ("13_pretrain_ssmtl.ipynb", {"variant": "ssmtl_plus"}),
 }

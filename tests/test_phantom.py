@@ -718,3 +718,17 @@ def test_ensure_phantom_reuses_an_identical_phantom_only(tmp_path):
     image.unlink()
     ensure_phantom(tmp_path / "p", profile="smoke", seed=1, workers=1)
     assert image.is_file()  # an incomplete phantom is regenerated
+
+
+def test_ensure_phantom_with_sources_on_the_pool_only(tmp_path):
+    from medssl_kit.data.phantom import ensure_phantom
+
+    kw = {"profile": "smoke", "sources": ["A", "B"], "source_splits": ["pretrain"], "workers": 1}
+    path = ensure_phantom(tmp_path / "pool", **kw)
+    cases = json.loads(path.read_text())["cases"]
+    assert {c.get("source") is not None for c in cases if c["split"] == "pretrain"} == {True}
+    assert all("source" not in c for c in cases if c["split"] != "pretrain")
+    stamp = path.stat().st_mtime_ns
+    assert ensure_phantom(tmp_path / "pool", **kw) == path and path.stat().st_mtime_ns == stamp
+    ensure_phantom(tmp_path / "pool", **{**kw, "source_splits": None})  # sources everywhere now
+    assert all("source" in c for c in json.loads(path.read_text())["cases"])

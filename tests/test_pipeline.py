@@ -158,7 +158,17 @@ def test_medssl_run_smoke_end_to_end(tiny_phantom, tmp_path, capsys):
     assert filecmp.cmp(again / "results.csv", pipeline_run / "results.csv", shallow=False)
 
 
+def test_mixcl_pre_trains_in_its_notebook_on_the_common_2d_unet(tmp_path):
+    stages = {s.name: s for s in plan(PipelineConfig(profile="smoke", methods=["mixcl"]), tmp_path)}
+    stage = stages["pretrain-mixcl"]
+    assert stage.notebook == "12_pretrain_mixcl.ipynb"
+    assert (stage.parameters["dims"], stage.parameters["backbone"]) == (2, "unet")
+    assert stage.parameters["manifest"] == stages["finetune-scratch"].parameters["manifest"]
+    check_parameters(list(stages.values()))
+
+
 def test_notebooks_dir_holds_every_planned_notebook():
-    cfg = PipelineConfig(profile="smoke", methods=["pixel_global", "pcrlv2", "ssmtl", "mocov2"])
+    methods = ["pixel_global", "pcrlv2", "mixcl", "ssmtl", "mocov2"]
+    cfg = PipelineConfig(profile="smoke", methods=methods)
     for stage in plan(cfg, "/tmp/unused"):
         assert (NOTEBOOKS_DIR / stage.notebook).is_file(), stage.notebook

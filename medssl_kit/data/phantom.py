@@ -1475,11 +1475,13 @@ def ensure_phantom(
     modality: str = "ct",
     sources: list[str] | None = None,
     workers: int = 2,
+    source_splits: list[str] | None = None,
 ) -> pathlib.Path:
     """The manifest of ``profile``'s default phantom in ``out_dir``, generated only if needed.
 
     An existing phantom is reused when its manifest records exactly these generator arguments
-    (cases, shape, split from the profile; ``seed``, ``modality``, ``sources``) and every case
+    (cases, shape, split from the profile; ``seed``, ``modality``, ``sources``,
+    ``source_splits``) and every case
     file is present; otherwise :func:`make_phantom` (re)generates it. Notebooks and the pipeline
     call this so that re-running them does not regenerate data.
     """
@@ -1497,6 +1499,8 @@ def ensure_phantom(
         "sources": None if sources is None else [str(s) for s in sources],
         "split": dict(settings.split),
     }
+    if source_splits is not None and set(source_splits) != set(SPLITS):
+        expected["source_splits"] = [s for s in SPLITS if s in source_splits]
     if path.is_file():
         try:
             existing = json.loads(path.read_text())
@@ -1517,4 +1521,5 @@ def ensure_phantom(
         sources=sources,
         split=dict(settings.split),
         workers=workers,
+        source_splits=source_splits,
     )
