@@ -574,9 +574,8 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=_comma_list(str),
-        default=[],
         metavar="M1,M2",
-        help="pre-training methods compared with scratch (default: none, scratch only)",
+        help="pre-training methods compared with scratch (default: every registered method)",
     )
     p.add_argument("--manifest", metavar="M", help="default: the profile's phantom")
     p.add_argument(
@@ -598,7 +597,26 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
         "--steps", type=_positive_int, metavar="N", help="pre-training steps (default: profile)"
     )
     p.add_argument("--resume", action="store_true", help="skip the completed stages of OUT")
-    p.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run independent stages (pre-training of different methods, fine-tuning of "
+        "different inits) in N worker kernels side by side (default 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="T",
+        help="CPU threads per kernel (default: with --jobs > 1, the cores shared out; else "
+        "$OMP_NUM_THREADS)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not echo the notebooks' output (stage progress is still printed)",
+    )
     p.set_defaults(handler=_run_run)
 
 
@@ -615,7 +633,20 @@ def _run_run(args: argparse.Namespace) -> int:
         steps=args.steps,
     )
     start = time.perf_counter()
-    stages = run_pipeline(cfg, args.out, resume=args.resume, log_output=not args.quiet)
+
+    def progress(line: str) -> None:
+        elapsed = time.perf_counter() - start
+        print(f"[{elapsed / 60:5.1f} min] {line}", file=sys.stderr, flush=True)
+
+    stages = run_pipeline(
+        cfg,
+        args.out,
+        resume=args.resume,
+        log_output=not args.quiet,
+        jobs=args.jobs,
+        threads=args.threads,
+        report=progress,
+    )
     for stage in stages:
         print(f"{stage.name:<24} {stage.status:<10} {stage.seconds or 0:8.1f} s  {stage.output}")
     out = Path(args.out)

@@ -22,17 +22,31 @@ skips the completed stages and reruns from the failed one. Results are stored by
 themselves (finished fine-tuning runs are read back, killed ones resumed), so a rerun stage
 repeats little work.
 
+``jobs`` > 1 runs independent stages side by side, each kernel with ``threads`` CPU threads
+(``OMP_NUM_THREADS``; default: the cores shared out): the pre-training of different methods, and
+the fine-tuning of different inits, each once its pre-training is done (:func:`dependencies`).
+A run's numbers depend on its thread count, not on what runs beside it, so ``jobs`` 2 at 1
+thread gives the results of ``jobs`` 1 at 1 thread. Kernels talk to papermill over IPC (local
+sockets), not TCP. Progress — each stage's start and end and an estimate of the time left from
+the stages already timed — goes to ``report`` (the CLI prints it).
+
 This module sits on top of the package, beside the CLI; the notebooks do the work in their kernels.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import subprocess
+import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -79,10 +93,11 @@ class Stage:
 
 @dataclass
 class PipelineConfig:
-    """What ``medssl run`` was asked for. ``None`` budgets and seeds come from the profile."""
+    """What ``medssl run`` was asked for. ``None`` budgets and seeds come from the profile,
+    ``None`` methods are every registered method (an empty list: scratch alone)."""
 
     profile: str = "cpu"
-    methods: list[str] = field(default_factory=list)
+    methods: list[str] | None = None
     manifest: str | None = None  # None: the profile's phantom in ``data_dir``
     data_dir: str | None = None  # None: ``data/phantom-<profile>`` under the current directory
     labeled: list[int | float | str] | None = None
@@ -94,16 +109,17 @@ class PipelineConfig:
         from medssl_kit.methods.registry import available_methods
 
         known = available_methods()
-        unknown = [m for m in self.methods if m not in known]
+        methods = known if self.methods is None else list(self.methods)
+        unknown = [m for m in methods if m not in known]
         if unknown:
             raise PipelineError(
                 f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}"
             )
-        if "scratch" in self.methods:
+        if "scratch" in methods:
             raise PipelineError("'scratch' is always run; list only pre-training methods")
         return PipelineConfig(
             profile=prof.name,
-            methods=list(dict.fromkeys(self.methods)),
+            methods=list(dict.fromkeys(methods)),
             manifest=str(Path(self.manifest).resolve()) if self.manifest else None,
             data_dir=str(Path(self.data_dir or f"data/phantom-{prof.name}").resolve()),
             labeled=list(self.labeled or prof.finetune.budgets),
@@ -213,7 +229,35 @@ def _stage_error(err: Exception) -> str:
     return _first_lines(f"{type(err).__name__}: {err}")
 
 
-def _execute(stage: Stage, notebooks_dir: Path, output: Path, log_output: bool) -> None:
+def _kernel_manager(threads: int | None) -> type:
+    """A kernel manager whose kernels listen on IPC sockets (not TCP: no unencrypted-TCP warning,
+    nothing on the network) and, with ``threads``, use that many CPU threads."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class StageKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            # a socket path of its own (the default derives it from a connection file that may
+            # not be named yet, and kernels started side by side would share it)
+            self.ip = str(Path(tempfile.gettempdir()) / f"medssl-kernel-{uuid.uuid4().hex}-ipc")
+
+        async def _async_pre_start_kernel(self, **kw: Any) -> Any:
+            if threads is not None:
+                env = dict(kw.get("env") or os.environ)
+                env.update({name: str(threads) for name in THREAD_VARIABLES})
+                kw["env"] = env
+            return await super()._async_pre_start_kernel(**kw)
+
+    return StageKernelManager
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _execute(
+    stage: Stage, notebooks_dir: Path, output: Path, log_output: bool, threads: int | None = None
+) -> None:
     import papermill
 
     papermill.execute_notebook(
@@ -224,7 +268,79 @@ def _execute(stage: Stage, notebooks_dir: Path, output: Path, log_output: bool) 
         cwd=str(notebooks_dir),
         log_output=log_output,
         progress_bar=False,
+        kernel_manager_class=_kernel_manager(threads),
     )
+
+
+def dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:
+    """The stages each stage waits for: pre-training and scratch's fine-tuning wait for the data,
+    a method's fine-tuning for its pre-training, the comparison for every fine-tuning."""
+    names = [s.name for s in stages]
+    needs: dict[str, set[str]] = {}
+    for name in names:
+        if name == "data":
+            needs[name] = set()
+        elif name.startswith("pretrain-") or name == "finetune-scratch":
+            needs[name] = {"data"}
+        elif name.startswith("finetune-"):
+            needs[name] = {"pretrain-" + name.removeprefix("finetune-")}
+        else:
+            needs[name] = {n for n in names if n.startswith("finetune-")}
+    return {name: {n for n in need if n in names} for name, need in needs.items()}
+
+
+def _kind(name: str) -> str:
+    return name.split("-", 1)[0]
+
+
+def eta_seconds(stages: Sequence[Stage], jobs: int = 1) -> float | None:
+    """Seconds the stages not yet completed will take, from the completed stages' times: the
+    mean of the same kind (data, pretrain, finetune, compare), else of all; ``None`` before any
+    stage is timed. Divided by ``jobs``, as independent stages share the workers."""
+    done = [s for s in stages if s.status == "completed" and s.seconds is not None]
+    if not done:
+        return None
+    overall = sum(s.seconds for s in done) / len(done)
+    by_kind: dict[str, list[float]] = {}
+    for s in done:
+        by_kind.setdefault(_kind(s.name), []).append(s.seconds)
+    left = 0.0
+    for s in stages:
+        if s.status != "completed":
+            times = by_kind.get(_kind(s.name))
+            left += sum(times) / len(times) if times else overall
+    return left / max(jobs, 1)
+
+
+class _StageTag(logging.Filter):
+    """Prefixes each echoed notebook line with the stage its thread runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        stage = getattr(self.local, "stage", None)
+        if stage:
+            record.msg = f"[{stage}] {record.msg}"
+        return True
+
+
+def _echo(log_output: bool) -> _StageTag | None:
+    """With ``log_output``, papermill's logger (which carries the cells' output) prints to
+    stderr, each line tagged with its stage; returns the tagging filter."""
+    if not log_output:
+        return None
+    logger = logging.getLogger("papermill")
+    tag = _StageTag()
+    handler = logging.StreamHandler()
+    handler.addFilter(tag)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    tag.handler = handler  # type: ignore[attr-defined]
+    return tag
 
 
 def _stamp(output: Path, stage: Stage, env: dict[str, Any]) -> None:
@@ -245,15 +361,26 @@ def run_pipeline(
     resume: bool = False,
     notebooks_dir: str | Path = NOTEBOOKS_DIR,
     log_output: bool = True,
-    execute: Callable[[Stage, Path, Path, bool], None] = _execute,
+    execute: Callable[..., None] = _execute,
+    jobs: int = 1,
+    threads: int | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> list[Stage]:
-    """Run every stage of ``plan(cfg, out)`` in order; return the stages with their records.
+    """Run every stage of ``plan(cfg, out)``; return the stages with their records.
 
     ``resume``: continue the run in ``out`` — its stages must be the same (same config), the
     completed ones are skipped. Without it, ``out`` must not hold a pipeline already.
-    Raises :class:`PipelineError` naming the failed stage; ``pipeline.json`` is written after
-    every stage either way.
+    ``jobs``: stages run side by side (their :func:`dependencies` respected), each kernel with
+    ``threads`` CPU threads (default with ``jobs`` > 1: the cores shared out; with 1 job the
+    environment's). ``log_output``: echo the notebooks' output to stderr. ``report``: called
+    with a line at each stage's start and end (the time left estimated by :func:`eta_seconds`).
+    Raises :class:`PipelineError` naming the failed stage (stages already running finish first;
+    none is started after a failure); ``pipeline.json`` is written at every change either way.
     """
+    if jobs < 1:
+        raise PipelineError(f"jobs must be >= 1, got {jobs}")
+    if threads is None and jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     out = Path(out).resolve()
     notebooks_dir = Path(notebooks_dir).resolve()
     stages = plan(cfg, out)
@@ -285,40 +412,88 @@ def run_pipeline(
     record = {
         "config": asdict(cfg.resolved()),
         "environment": env,
+        "jobs": jobs,
+        "threads_per_job": threads,
         "started": first_started or _now(),
         "resumed": _now() if first_started else None,
         "ended": None,
         "status": "running",
     }
+    lock = threading.Lock()
+    say = report or (lambda line: None)
 
     def save() -> None:
-        record["stages"] = [asdict(s) for s in stages]
-        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+        with lock:
+            record["stages"] = [asdict(s) for s in stages]
+            atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
 
-    for stage in stages:
-        if stage.status == "completed":
-            continue
+    tag = _echo(log_output)
+
+    def run(stage: Stage) -> None:
         output = out / "notebooks" / f"{stage.name}.ipynb"
         stage.status, stage.started, stage.error = "running", _now(), None
         stage.output = str(output.relative_to(out))
         save()
+        say(f"start {stage.name} ({stage.notebook})")
+        if tag is not None:
+            tag.local.stage = stage.name
         start = time.perf_counter()
         try:
-            execute(stage, notebooks_dir, output, log_output)
+            execute(stage, notebooks_dir, output, log_output, threads)
         except Exception as err:  # papermill raises its own errors and the kernel's
             _stamp(output, stage, env)
             stage.status, stage.error = "failed", _stage_error(err)
             stage.ended, stage.seconds = _now(), round(time.perf_counter() - start, 1)
-            record["status"], record["ended"] = "failed", _now()
             save()
-            raise PipelineError(
-                f"stage '{stage.name}' ({stage.notebook}) failed: {stage.error}; its executed "
-                f"notebook is {output}; fix the cause and rerun with --resume"
-            ) from err
+            say(f"failed {stage.name} after {stage.seconds:.0f} s")
+            raise
         _stamp(output, stage, env)
         stage.status, stage.ended = "completed", _now()
         stage.seconds = round(time.perf_counter() - start, 1)
         save()
+        left = eta_seconds(stages, jobs)
+        eta = f"; about {left / 60:.0f} min left" if left is not None else ""
+        done = sum(s.status == "completed" for s in stages)
+        say(f"done {stage.name} in {stage.seconds:.0f} s ({done}/{len(stages)} stages{eta})")
+
+    needs = dependencies(stages)
+    failed: list[tuple[Stage, BaseException]] = []
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            running: dict[Future, Stage] = {}
+            while True:
+                finished = {s.name for s in stages if s.status == "completed"}
+                busy = {s.name for s in running.values()}
+                ready = [
+                    s
+                    for s in stages
+                    if s.status != "completed" and s.name not in busy and needs[s.name] <= finished
+                ]
+                while ready and len(running) < jobs and not failed:
+                    stage = ready.pop(0)
+                    running[pool.submit(run, stage)] = stage
+                if not running:
+                    break
+                complete, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in complete:
+                    stage = running.pop(future)
+                    if future.exception() is not None:
+                        failed.append((stage, future.exception()))
+    finally:
+        if tag is not None:
+            logging.getLogger("papermill").removeHandler(tag.handler)  # type: ignore[attr-defined]
+    stuck = [s.name for s in stages if s.status != "completed"]
+    if stuck and not failed:
+        raise PipelineError(f"stages {', '.join(stuck)} could not run: their dependencies did not")
+    if failed:
+        stage, err = failed[0]
+        record["status"], record["ended"] = "failed", _now()
+        save()
+        output = out / "notebooks" / f"{stage.name}.ipynb"
+        raise PipelineError(
+            f"stage '{stage.name}' ({stage.notebook}) failed: {stage.error}; its executed "
+            f"notebook is {output}; fix the cause and rerun with --resume"
+        ) from err
     record["status"], record["ended"] = "completed", _now()
     save()
     return stages

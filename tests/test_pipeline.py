@@ -19,6 +19,8 @@ from medssl_kit.pipeline import (
     PipelineError,
     Stage,
     check_parameters,
+    dependencies,
+    eta_seconds,
     plan,
     run_pipeline,
 )
@@ -74,7 +76,7 @@ def test_a_parameter_typo_fails_before_anything_runs():
 def _fake(fail_on: set[str], calls: list[str]):
     """An ``execute`` that records the stage and writes the output, failing on request."""
 
-    def execute(stage, notebooks_dir, output, log_output):
+    def execute(stage, notebooks_dir, output, log_output, threads=None):
         calls.append(stage.name)
         if stage.name in fail_on:
             raise RuntimeError("boom: the first line\nsecond line\n" + "x\n" * 20)
@@ -172,3 +174,106 @@ def test_notebooks_dir_holds_every_planned_notebook():
     cfg = PipelineConfig(profile="smoke", methods=methods)
     for stage in plan(cfg, "/tmp/unused"):
         assert (NOTEBOOKS_DIR / stage.notebook).is_file(), stage.notebook
+
+
+# --- parallel stages ------------------------------------------------------------------------------
+
+
+def test_dependencies_and_the_time_left():
+    stages = plan(PipelineConfig(profile="smoke", methods=["simsiam", "byol"]), "/tmp/unused")
+    needs = dependencies(stages)
+    assert needs["data"] == set()
+    assert needs["pretrain-simsiam"] == needs["finetune-scratch"] == {"data"}
+    assert needs["finetune-byol"] == {"pretrain-byol"}
+    assert needs["compare"] == {"finetune-scratch", "finetune-simsiam", "finetune-byol"}
+    assert eta_seconds(stages) is None  # nothing timed yet
+    for stage, seconds in zip(stages[:3], (10.0, 100.0, 300.0), strict=True):
+        stage.status, stage.seconds = "completed", seconds  # data, both pre-trainings
+    stages[2].name = "pretrain-byol"  # (the plan's third stage)
+    # left: finetune-scratch, -simsiam, -byol (no finetune timed: overall mean 136.7) + compare
+    assert eta_seconds(stages) == pytest.approx(4 * (410 / 3))
+    stages[3].status, stages[3].seconds = "completed", 50.0  # finetune-scratch
+    assert eta_seconds(stages) == pytest.approx(2 * 50 + 460 / 4)
+    assert eta_seconds(stages, jobs=2) == pytest.approx((2 * 50 + 460 / 4) / 2)
+
+
+def _stand_in_notebooks(folder: Path, stages: list[Stage]) -> None:
+    """Notebooks under the plan's names that declare the stages' parameters, print the stage,
+    its kernel's thread count and a start and end time, and take half a second."""
+    for notebook in {s.notebook for s in stages}:
+        names = sorted({k for s in stages if s.notebook == notebook for k in s.parameters})
+        params = nbformat.v4.new_code_cell("\n".join(f"{k} = None" for k in names))
+        params.metadata["tags"] = ["parameters"]
+        work = nbformat.v4.new_code_cell(
+            "import os, time\n"
+            f"print('ran {notebook}', os.environ.get('OMP_NUM_THREADS'), time.time())\n"
+            "time.sleep(0.5)\n"
+            "print('end', time.time())"
+        )
+        nb = nbformat.v4.new_notebook(cells=[params, work])
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
+        nbformat.write(nb, folder / notebook)
+
+
+def test_jobs_run_independent_stages_side_by_side_with_their_threads(tmp_path, capfd):
+    cfg = PipelineConfig(profile="smoke", methods=["simsiam", "byol"], seeds=[0])
+    (tmp_path / "nb").mkdir()
+    _stand_in_notebooks(tmp_path / "nb", plan(cfg, tmp_path / "run"))
+    lines: list[str] = []
+    stages = run_pipeline(
+        cfg, tmp_path / "run", notebooks_dir=tmp_path / "nb", jobs=2, threads=1,
+        report=lines.append,
+    )  # fmt: skip
+    spans = {}
+    for stage in stages:
+        executed = nbformat.read(tmp_path / "run" / stage.output, as_version=4)
+        text = "".join(o.get("text", "") for o in executed.cells[-1].outputs).split()
+        assert text[2] == "1"  # the kernel ran with the stage's one thread
+        spans[stage.name] = (float(text[3]), float(text[5]))
+    needs = dependencies(stages)
+    for name, (start, _) in spans.items():  # no stage starts before what it needs has ended
+        assert all(spans[need][1] <= start for need in needs[name]), name
+    starts = sorted((start, end) for start, end in spans.values())
+    assert any(b[0] < a[1] for a, b in zip(starts, starts[1:], strict=False))  # two at a time
+    assert len([x for x in lines if x.startswith("start ")]) == len(stages)
+    assert any("min left" in x for x in lines if x.startswith("done "))
+    record = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert (record["jobs"], record["threads_per_job"]) == (2, 1)
+    err = capfd.readouterr().err
+    assert "[finetune-byol] " in err and "ran 20_finetune.ipynb" in err  # echoed, tagged
+    assert "without encryption" not in err  # kernels over IPC, not TCP
+
+    quiet = run_pipeline(cfg, tmp_path / "quiet", notebooks_dir=tmp_path / "nb", log_output=False)
+    assert all(s.status == "completed" for s in quiet)
+    assert "ran 20_finetune.ipynb" not in capfd.readouterr().err
+
+
+def test_a_failure_in_parallel_stops_new_stages_and_names_the_stage(tmp_path):
+    cfg = PipelineConfig(profile="smoke", methods=["simsiam", "byol"], seeds=[0])
+    calls: list[str] = []
+    with pytest.raises(PipelineError, match="stage 'pretrain-simsiam'"):
+        run_pipeline(cfg, tmp_path / "run", jobs=2, execute=_fake({"pretrain-simsiam"}, calls))
+    assert "compare" not in calls and "finetune-simsiam" not in calls
+    status = {
+        s["name"]: s["status"]
+        for s in json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
+    }
+    assert status["pretrain-simsiam"] == "failed" and status["compare"] == "pending"
+
+
+def test_two_jobs_give_the_sequential_results_at_the_same_threads(tiny_phantom, tmp_path):
+    """The real notebooks on the tiny phantom: --jobs 2 at one thread per kernel and --jobs 1 at
+    one thread write byte-identical results for scratch and a pre-trained method."""
+    common = ["run", "--profile", "smoke", "--manifest", str(tiny_phantom), "--methods", "simsiam"]
+    common += ["--labeled", "1", "--seeds", "0", "--threads", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    assert main([*common, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    for init in ("scratch", "simsiam"):
+        run = Path("finetune") / init / "labeled-1_seed-0" / "results.csv"
+        assert filecmp.cmp(tmp_path / "one" / run, tmp_path / "two" / run, shallow=False), init
+    record = json.loads((tmp_path / "two" / "pipeline.json").read_text())
+    assert (record["jobs"], record["threads_per_job"]) == (2, 1)
