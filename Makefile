@@ -1,7 +1,7 @@
 # The two commands the README leads with. Both work on a fresh machine with Python >= 3.10 and pip.
 PYTHON ?= python3
-PROFILE ?= cpu
-METHODS ?= pixel_global,pcrlv2,mixcl,ssmtl,ssmtl_plus,simsiam,byol,mocov2,models_genesis
+PROFILE ?= laptop
+JOBS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -20,10 +20,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-run
 
 ## run: the main job on the embedded default: the phantom, then the pipeline (data, pre-training
-## of every method, fine-tuning over the label budgets x seeds, comparison report) at $(PROFILE);
-## rerunning continues a stopped run (completed stages are skipped)
+## of every registered method, fine-tuning over the label budgets x seeds, comparison report) at
+## $(PROFILE) with $(JOBS) stages side by side; METHODS=m1,m2 compares fewer methods; rerunning
+## continues a stopped run (completed stages are skipped)
 run: $(VENV)/.installed-run
-	$(BIN)/medssl run --profile $(PROFILE) --out runs/main-$(PROFILE) --methods $(METHODS) --resume
+	$(BIN)/medssl run --profile $(PROFILE) --out runs/main-$(PROFILE) --jobs $(JOBS) --resume \
+		$(if $(METHODS),--methods $(METHODS))
 
 ## test: unit tests, then every notebook under nbval at the smoke profile (their smoke run
 ## folders are removed first so that notebooks are tested, not their earlier results)

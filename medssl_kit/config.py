@@ -1,8 +1,16 @@
-"""Profiles (smoke / cpu / gpu).
+"""Profiles (smoke / laptop / cpu / gpu).
 
 A profile fixes the sizes and budgets of every stage so that one switch takes the whole workbench
 from a seconds-long smoke test to the papers' settings. The active profile is the ``--profile``
 argument where a command has one, else the ``MEDSSL_PROFILE`` environment variable, else ``cpu``.
+
+- ``smoke``: tiny shapes and a handful of steps; proves the code runs (CI, nbval).
+- ``laptop``: the main job (``make run``) in about an hour on 2 cores: the ``cpu`` phantom and
+  every method's ``cpu`` recipe at half its pre-training steps, fine-tuning at 400 steps, one
+  labelled case × three seeds for every start (and all labels for scratch, the reference).
+- ``cpu``: the full matrix at a laptop's sizes — every budget × three seeds; the settings behind
+  every recorded result (docs/results.md).
+- ``gpu``: the papers' sizes.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ class FinetuneSettings:
     seeds: tuple[int, ...]  # default seeds of each budget (mean ± sd over them)
     lr: float = 1e-3
     resnet: str = "resnet18"  # the ResNet encoder of the ``resunet`` backbone
+    # Budgets scratch also runs in the pipeline: the reference a profile that compares the
+    # methods at few labels alone keeps (what all labels reach).
+    reference_budgets: tuple[int | str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,9 @@ class PretrainSettings:
     # 0.45 at 400), so the short profiles use 0.99 (0.007 at 1000 steps; methods.ema
     # :func:`~medssl_kit.methods.ema.init_share`). A method with a shorter budget lowers it.
     ema_momentum: float = 0.996
+    # Pre-training steps as a share of the method recipe's (``methods_as``); the methods'
+    # EMA bases follow the shorter runs (methods.ema.base_momentum_for).
+    step_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,14 @@ class Profile:
     phantom: PhantomSettings
     finetune: FinetuneSettings
     pretrain: PretrainSettings
+    # The profile whose method recipes (each method's steps, view sizes, batches, queue sizes)
+    # apply; ``None``: this one's.
+    methods_as: str | None = None
+
+    @property
+    def recipes(self) -> str:
+        """The profile name the methods' ``default_config`` is asked for."""
+        return self.methods_as or self.name
 
 
 PROFILES: dict[str, Profile] = {
@@ -94,6 +116,38 @@ PROFILES: dict[str, Profile] = {
             patch_size=(16, 32, 32),
             ema_momentum=0.99,
         ),
+    ),
+    "laptop": Profile(
+        name="laptop",
+        phantom=PhantomSettings(
+            cases=40, shape=(48, 128, 128), split={"pretrain": 20, "train": 8, "val": 4, "test": 8}
+        ),
+        finetune=FinetuneSettings(
+            # Half the cpu recipe: 400 steps at Adam 3e-3 (about a minute on 2 cores).
+            steps=400,
+            batch_size=8,
+            val_every=200,
+            patience=3,
+            checkpoint_every=200,
+            channels=(16, 32, 64, 128, 256),
+            crop_size=(96, 96),
+            patch_size=(32, 64, 64),
+            batch_size_3d=2,
+            budgets=(1,),
+            seeds=(0, 1, 2),
+            lr=3e-3,
+            reference_budgets=("all",),
+        ),
+        pretrain=PretrainSettings(
+            steps=1000,
+            batch_size=8,
+            checkpoint_every=100,
+            crop_size=(96, 96),
+            patch_size=(32, 64, 64),
+            ema_momentum=0.99,
+            step_scale=0.5,
+        ),
+        methods_as="cpu",
     ),
     "cpu": Profile(
         name="cpu",

@@ -103,6 +103,9 @@ class PipelineConfig:
     labeled: list[int | float | str] | None = None
     seeds: list[int] | None = None
     steps: int | None = None  # pre-training steps; None: the profile's budget
+    # budgets scratch runs besides ``labeled``; None: the profile's reference budgets when
+    # ``labeled`` is the profile's, none when it was given
+    reference: list[int | float | str] | None = None
 
     def resolved(self) -> PipelineConfig:
         prof = get_profile(self.profile)
@@ -125,6 +128,11 @@ class PipelineConfig:
             labeled=list(self.labeled or prof.finetune.budgets),
             seeds=list(self.seeds or prof.finetune.seeds),
             steps=self.steps,
+            reference=list(
+                self.reference
+                if self.reference is not None
+                else ([] if self.labeled else prof.finetune.reference_budgets)
+            ),
         )
 
 
@@ -147,10 +155,11 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[Stage]:
         stages.append(Stage(f"pretrain-{method}", notebook, params))
         inits[method] = str(run_dir)
     for method, init in inits.items():
+        extra = [b for b in cfg.reference if b not in cfg.labeled] if method == "scratch" else []
         params = {
             **common,
             "init": init,
-            "labeled": cfg.labeled,
+            "labeled": cfg.labeled + extra,
             "seeds": cfg.seeds,
             "out_dir": str(out / "finetune" / method),
         }

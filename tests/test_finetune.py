@@ -144,7 +144,7 @@ def test_init_from_run_reports_keys_and_rejects_another_backbone(
         )
 
 
-@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+@pytest.mark.parametrize("profile", ["smoke", "laptop", "cpu", "gpu"])
 @pytest.mark.parametrize("backbone", ["unet", "resunet"])
 def test_every_method_pre_trains_the_network_fine_tuning_builds(profile, backbone):
     # scratch and every pre-trained start are one network: each method's pre-training network,

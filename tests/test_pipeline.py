@@ -25,6 +25,7 @@ from medssl_kit.pipeline import (
     run_pipeline,
 )
 from medssl_kit.train.finetune import FinetuneConfig, finetune
+from medssl_kit.train.pretrain import PretrainConfig
 
 
 def test_plan_orders_data_pretraining_finetuning_compare(tmp_path):
@@ -277,3 +278,22 @@ def test_two_jobs_give_the_sequential_results_at_the_same_threads(tiny_phantom, 
         assert filecmp.cmp(tmp_path / "one" / run, tmp_path / "two" / run, shallow=False), init
     record = json.loads((tmp_path / "two" / "pipeline.json").read_text())
     assert (record["jobs"], record["threads_per_job"]) == (2, 1)
+
+
+def test_the_laptop_profile_compares_every_method_at_one_case_with_scratchs_reference(tmp_path):
+    stages = {s.name: s for s in plan(PipelineConfig(profile="laptop"), tmp_path)}
+    from medssl_kit.methods.registry import available_methods
+
+    assert {f"pretrain-{m}" for m in available_methods()} <= set(stages)  # every method
+    assert stages["finetune-scratch"].parameters["labeled"] == [1, "all"]  # the reference
+    assert stages["finetune-simsiam"].parameters["labeled"] == [1]
+    assert stages["finetune-simsiam"].parameters["seeds"] == [0, 1, 2]
+    given = {s.name: s for s in plan(PipelineConfig(profile="laptop", labeled=[2]), tmp_path)}
+    assert given["finetune-scratch"].parameters["labeled"] == [2]  # asked for: no reference
+    # the methods' cpu recipes at half their pre-training steps
+    for method in ("pixel_global", "simsiam", "mixcl"):
+        laptop = PretrainConfig(method=method, profile="laptop", dims=2).resolved()
+        cpu = PretrainConfig(method=method, profile="cpu", dims=2).resolved()
+        assert laptop.steps == cpu.steps // 2 and laptop.crop_size == cpu.crop_size
+        assert laptop.backbone_kwargs == cpu.backbone_kwargs
+    assert PretrainConfig(method="simsiam", profile="laptop", steps=7).resolved().steps == 7

@@ -34,7 +34,8 @@ query encoder, as in the papers).
   gradient), with BYOL's momentum schedule ``τ_k = 1 − (1 − τ_base)(cos(πk/K) + 1)/2``,
   ``τ_base = 0.996`` at ``gpu`` (the paper's, for ~10^5 steps) and the profile's ``ema_momentum``
   (0.99) on the CPU profiles, where 0.996 would leave 13 % of the random initialisation in the
-  target after 1000 steps (0.7 % with 0.99; :func:`~medssl_kit.methods.ema.init_share`); ``k``
+  target after 1000 steps (0.7 % with 0.99; :func:`~medssl_kit.methods.ema.init_share`), lower
+  for a shorter run (:func:`~medssl_kit.methods.ema.ema_base`); ``k``
   the steps completed before the update (:func:`~medssl_kit.methods.ema.teacher_momentum`);
   loss ``‖p̄1 − sg z̄′2‖² + ‖p̄2 − sg z̄′1‖²``.
   Widths: paper 4096 → 256 (``gpu``); CPU 512 → 128. Logged: ``loss``, ``z_std``.
@@ -273,7 +274,7 @@ class BYOL(_TwoViewMethod):
         EMA base momentum."""
         widths = {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096}
         base = super().default_config(profile, spatial_dims)
-        base["base_momentum"] = get_profile(profile).pretrain.ema_momentum
+        base["base_momentum"] = None  # the run's (methods.ema.ema_base)
         return {**base, **widths} if get_profile(profile).name == "gpu" else base
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:

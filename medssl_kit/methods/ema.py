@@ -8,8 +8,9 @@ Every EMA here is the same update of parameters,
 with a momentum ``m`` that is either constant (MoCo, ``m = 0.999``) or follows BYOL's cosine
 schedule from a base value to 1 (:func:`teacher_momentum`). The base is a profile setting
 (:attr:`~medssl_kit.config.PretrainSettings.ema_momentum`): the papers' 0.996 at ``gpu``, lower
-on the short CPU profiles, whose teachers would otherwise still hold a large share of their
-random initialisation when the run ends (:func:`init_share`). Only *parameters* are averaged: a
+(0.99) on the CPU profiles, and lower still for a run too short for it (:func:`ema_base`), whose
+teacher would otherwise still hold a large share of its random initialisation when the run ends
+(:func:`init_share`). Only *parameters* are averaged: a
 target network's buffers (batch-norm running statistics) are its own, updated by its own forward
 passes (Mean-Teacher / BYOL / MoCo practice).
 """
@@ -33,6 +34,20 @@ def teacher_momentum(k: int, total: int, base: float = 0.996) -> float:
     pixel-global paper's λ).
     """
     return 1.0 - (1.0 - base) * (math.cos(math.pi * k / total) + 1.0) / 2.0
+
+
+SHORT_RUN_SHARE_EXPONENT = 4.0  # a short run's teacher keeps exp(−4) ≈ 0.018 of its init
+
+
+def ema_base(steps: int, cap: float) -> float:
+    """The base momentum of a run of ``steps``: the profile's ``cap``, or ``1 − 8 / steps`` when
+    that is lower, so that the teacher keeps about ``exp(−4)`` ≈ 0.018 of its initialisation at
+    the end (:func:`init_share` ≈ ``exp(−(1 − base) · steps / 2)``) however short the run.
+
+    ``cap`` 0.99 gives 0.99 from 800 steps on (1000: a share of 0.007), 0.98 at 400, 0.96 at 200;
+    ``cap`` 0.996 (the papers') holds from 2000 steps on.
+    """
+    return max(0.0, min(cap, 1.0 - 2 * SHORT_RUN_SHARE_EXPONENT / max(steps, 1)))
 
 
 def init_share(total: int, base: float) -> float:

@@ -33,8 +33,9 @@ Choices the paper leaves open (or gets wrong), and why
   one ``1 − O(K⁻²)``). ``λ_0`` (``base_momentum``) is the paper's 0.996 at ``gpu``; that value is
   made for ~10^5 steps, and after ``K`` steps the teacher still holds about
   ``exp(−(1 − λ_0) K / 2)`` of its random initialisation (0.45 at the ``cpu`` budget's 400
-  steps), so the CPU profiles lower it: the profile's ``ema_momentum`` (0.99) at ``smoke``, 0.98
-  at ``cpu`` for its 400 steps (a share of 0.018; :func:`~medssl_kit.methods.ema.init_share`).
+  steps), so the CPU profiles lower it to their ``ema_momentum`` (0.99), and a run too short for
+  that to ``1 − 8 / K`` (:func:`~medssl_kit.methods.ema.ema_base`: 0.98 at ``cpu``'s 400 steps,
+  a share of 0.018; :func:`~medssl_kit.methods.ema.init_share`).
   Only parameters are averaged; the teacher's batch-norm statistics are its own (updated by its
   forward passes, Mean-Teacher practice).
 - **Temperatures and centring** (DINO's values; the paper only says "softmax"): student
@@ -195,9 +196,7 @@ SETTINGS: dict[str, Any] = {
 # The cpu profile's budget (≤ 10 minutes on 2 cores; docstring "Optimisation"): 64² views, the
 # paper's 20 MC-dropout passes, 400 steps. Measured with benchmarks/bench_pretrain.py on a quiet
 # 2-core machine: 1.36 s/step (64², 20 passes) against 3.5 s/step at the profile's 96² crops.
-# At 400 steps the profile's EMA base (0.99) would leave 0.13 of the teacher's random
-# initialisation in it at the end (methods.ema.init_share); 0.98 leaves 0.018.
-CPU_BUDGET: dict[str, Any] = {"steps": 400, "crop_size": (64, 64), "base_momentum": 0.98}
+CPU_BUDGET: dict[str, Any] = {"steps": 400, "crop_size": (64, 64)}
 # Keys the pre-training loop adds to every method's settings.
 _LOOP_KEYS = ("crop_size", "patch_size")
 DROPOUT = 0.1
@@ -370,7 +369,7 @@ class PixelGlobal(PretrainMethod):
     @classmethod
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """The method's settings and, for ``gpu``, the paper's loop settings (see the docstring)."""
-        settings = {**SETTINGS, "base_momentum": get_profile(profile).pretrain.ema_momentum}
+        settings = {**SETTINGS, "base_momentum": None}  # the run's (methods.ema.ema_base)
         if profile == "cpu":
             return {**settings, "mc_chunk": 1, **CPU_BUDGET}
         if profile != "gpu":

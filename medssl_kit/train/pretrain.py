@@ -35,6 +35,7 @@ from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.manifest import Manifest, load_manifest
 from medssl_kit.errors import MedsslError
 from medssl_kit.methods.base import PretrainMethod
+from medssl_kit.methods.ema import ema_base
 from medssl_kit.methods.registry import get_method
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import (
@@ -102,7 +103,7 @@ class PretrainConfig:
             raise MedsslError(
                 f"method '{out.method}' runs in {method_cls.spatial_dims}-D, not {out.dims}-D"
             )
-        defaults = method_cls.default_config(prof.name, out.dims)
+        defaults = method_cls.default_config(prof.recipes, out.dims)
         loop_names = {f.name for f in fields(PretrainConfig)}
         base = {
             **LOOP_DEFAULTS,
@@ -115,9 +116,12 @@ class PretrainConfig:
             "splits": ("pretrain", "train"),
             **{k: v for k, v in defaults.items() if k in loop_names},
         }
+        scale = out.steps is None and prof.pretrain.step_scale != 1.0
         for key, value in base.items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
+        if scale:  # the profile runs the method's recipe for a share of its steps
+            out.steps = max(1, round(out.steps * prof.pretrain.step_scale))
         out.crop_size = tuple(out.crop_size)
         out.patch_size = tuple(out.patch_size)
         out.splits = tuple(out.splits)
@@ -125,9 +129,11 @@ class PretrainConfig:
             **{k: v for k, v in defaults.items() if k not in loop_names},
             **out.method_cfg,
         }
+        if "base_momentum" in out.method_cfg and out.method_cfg["base_momentum"] is None:
+            out.method_cfg["base_momentum"] = ema_base(out.steps, prof.pretrain.ema_momentum)
         out.backbone_kwargs = {
             **architecture_kwargs(prof.name, out.backbone, out.dims),
-            **method_cls.backbone_kwargs(prof.name, out.dims, out.backbone),
+            **method_cls.backbone_kwargs(prof.recipes, out.dims, out.backbone),
             **out.backbone_kwargs,
         }
         return out
