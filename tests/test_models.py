@@ -494,3 +494,18 @@ def test_dense_heads(dims: int) -> None:
     logits = classify(feats)
     assert logits.shape == (2, 3)
     torch.testing.assert_close(logits, classify.fc(feats.mean(dim=tuple(range(2, 2 + dims)))))
+
+
+@pytest.mark.parametrize("skips", [True, False])
+def test_decode_passes_is_decode_of_the_repeated_features(skips):
+    # odd sizes: max-pooling floors, the upsampled maps are padded back
+    torch.manual_seed(0)
+    net = build_backbone("unet", 2, 1, 3, channels=(4, 8, 8, 16, 16), skips=skips).eval()
+    with torch.no_grad():
+        feats = net.encode(torch.rand(3, 1, 40, 36))
+        repeated = net.decode([f.repeat(4, 1, 1, 1) for f in feats])[0][-1]
+        passes = net.decode_passes(feats, 4)
+    assert passes.shape == (12, 4, 40, 36)
+    torch.testing.assert_close(passes, repeated, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="encoder features"):
+        net.decode_passes(feats[1:], 2)

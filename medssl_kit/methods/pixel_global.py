@@ -243,14 +243,11 @@ class _PassDropout:
         self._handles = [layer.register_forward_hook(self._hook) for layer in layers]
 
     def _hook(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        rows = output.shape[0] // len(self.generators)
-        shape = (rows, *output.shape[1:])
-        draws = [
-            torch.rand(shape, generator=g, device=output.device, dtype=output.dtype)
-            for g in self.generators
-        ]
-        keep = torch.cat(draws) >= module.p
-        return output * keep / (1.0 - module.p)
+        draws = torch.empty_like(output).unflatten(0, (len(self.generators), -1))
+        for draw, g in zip(draws, self.generators, strict=True):
+            draw.uniform_(generator=g)  # the same numbers torch.rand would draw
+        keep = draws.flatten(0, 1) >= module.p
+        return output.mul_(keep).div_(1.0 - module.p)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -581,8 +578,7 @@ class PixelGlobal(PretrainMethod):
                 for first in range(0, samples, chunk):
                     masks.generators = generators[first : first + chunk]
                     passes = len(masks.generators)
-                    repeated = [f.repeat(passes, *([1] * (f.ndim - 1))) for f in encoder_feats]
-                    logits = teacher["pixel_head"](teacher["backbone"].decode(repeated)[0][-1])
+                    logits = teacher["pixel_head"](self._decode_passes(encoder_feats, passes))
                     probs = L.teacher_probs(
                         logits, self.center_pixel, self.cfg["pixel_teacher_temp"]
                     ).unflatten(0, (passes, n))
@@ -595,6 +591,16 @@ class PixelGlobal(PretrainMethod):
         if self.cfg["uncertainty_measure"] == "mutual_information":
             return L.mutual_information(total / samples, entropy / samples)
         return L.predictive_entropy(total / samples)
+
+    def _decode_passes(self, encoder_feats: Sequence[Tensor], passes: int) -> Tensor:
+        """The teacher decoder's last map for ``passes`` repetitions of the features' rows (the
+        backbone's ``decode_passes`` where it has one: the pass-invariant skip convolutions are
+        computed once)."""
+        backbone = self.teacher["backbone"]
+        if hasattr(backbone, "decode_passes"):
+            return backbone.decode_passes(encoder_feats, passes)
+        repeated = [f.repeat(passes, *([1] * (f.ndim - 1))) for f in encoder_feats]
+        return backbone.decode(repeated)[0][-1]
 
     @torch.no_grad()
     def uncertainty_map(self, images: Tensor, seed: int = 0, batch_size: int = 8) -> Tensor:

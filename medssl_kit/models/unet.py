@@ -242,6 +242,37 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
             decoded.append(x)
         return decoded, self.head(x)
 
+    def decode_passes(self, encoder_feats: Sequence[Tensor], passes: int) -> Tensor:
+        """The last decoder map of ``passes`` repetitions of the rows of ``encoder_feats``,
+        ``[passes · N, C, *S]`` (pass-major), computed as ``decode`` of the features repeated
+        ``passes`` times along the batch axis would — without repeating them.
+
+        For Monte-Carlo dropout, where only the decoder's dropout makes passes differ: the part
+        of each block's first convolution that reads the encoder's skip feature is the same in
+        every pass (a convolution of ``[skip, up]`` is one of ``skip`` plus one of ``up``), so it
+        is computed once on the ``N`` rows and broadcast over the passes, and the skip features
+        are never copied. Equal to ``decode`` up to the order of floating-point sums.
+        """
+        if len(encoder_feats) != self.n_levels:
+            raise ValueError(
+                f"decode_passes() needs {self.n_levels} encoder features, got {len(encoder_feats)}"
+            )
+        x = encoder_feats[-1].repeat(passes, *([1] * (encoder_feats[-1].ndim - 1)))
+        for j, block in enumerate(self.decoder):
+            ref = encoder_feats[self.n_levels - 2 - j]
+            up = pad_to_match(block.upsample(x), ref.shape[2:])
+            first, second = block.convs.conv_0, block.convs.conv_1
+            if self.skips:
+                conv = first.conv
+                skip_weight, up_weight = conv.weight.split([block.skip_channels, up.shape[1]], 1)
+                fixed = conv._conv_forward(ref, skip_weight, conv.bias)  # once for all passes
+                moving = conv._conv_forward(up, up_weight, None)
+                y = (moving.unflatten(0, (passes, -1)) + fixed).flatten(0, 1)
+                x = second(first.adn(y))
+            else:
+                x = block.convs(up)
+        return x
+
     def embed_nonskip_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A non-skip UNet's weights fitted to this UNet with skips, computing the same function.
 
