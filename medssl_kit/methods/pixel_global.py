@@ -131,15 +131,14 @@ Choices the paper leaves open (or gets wrong), and why
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from medssl_kit.config import get_profile
 from medssl_kit.data.augment import randint
@@ -148,6 +147,7 @@ from medssl_kit.errors import MedsslError
 from medssl_kit.losses import pixel_global as L
 from medssl_kit.methods.base import PretrainMethod
 from medssl_kit.methods.ema import ema_update_, frozen_copy, teacher_momentum
+from medssl_kit.models.base import RecordedBatchStatistics
 from medssl_kit.models.heads import MLPHead, PixelProjectionHead
 
 # The paper's ablation (Fig. 4) as settings.
@@ -252,47 +252,6 @@ class _PassDropout:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-class _BatchStatistics:
-    """The batch statistics a module's batch-norm layers normalised with in one train-mode pass,
-    replayed as fixed statistics in later passes.
-
-    :meth:`recording` notes each layer's per-channel mean and (biased) variance of its input;
-    within :meth:`replaying` those layers run in eval mode with the noted values as their running
-    statistics, so a replayed pass normalises every row exactly as the recorded pass did, and
-    however its rows are batched. The layers' own buffers and modes are restored afterwards.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.layers = [m for m in module.modules() if isinstance(m, _BatchNorm)]
-        self.stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
-
-    def _record(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        x = inputs[0].detach()
-        dims = [0, *range(2, x.ndim)]
-        self.stats[module] = (x.mean(dims), x.var(dims, unbiased=False))
-
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        handles = [m.register_forward_pre_hook(self._record) for m in self.layers]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @contextmanager
-    def replaying(self) -> Iterator[None]:
-        saved = [(m, m.training, m.running_mean, m.running_var) for m in self.stats]
-        try:
-            for m, (mean, var) in self.stats.items():
-                m.eval()
-                m.running_mean, m.running_var = mean, var
-            yield
-        finally:
-            for m, training, mean, var in saved:
-                m.training, m.running_mean, m.running_var = training, mean, var
 
 
 class PixelGlobal(PretrainMethod):
@@ -500,7 +459,7 @@ class PixelGlobal(PretrainMethod):
 
         s_pix = self.pixel_head(student.decode(s_enc)[0][-1])
         # the uncertainty passes normalise as this target pass does (its batch statistics)
-        norm_stats = _BatchStatistics(teacher) if teacher.training else None
+        norm_stats = RecordedBatchStatistics(teacher) if teacher.training else None
         with torch.no_grad(), norm_stats.recording() if norm_stats else nullcontext():
             t_pix = teacher["pixel_head"](teacher["backbone"].decode(t_enc)[0][-1])
         with torch.no_grad():
@@ -549,7 +508,7 @@ class PixelGlobal(PretrainMethod):
         encoder_feats: Sequence[Tensor],
         seed: int,
         chunk: int | None = None,
-        norm_stats: _BatchStatistics | None = None,
+        norm_stats: RecordedBatchStatistics | None = None,
     ) -> Tensor:
         """Eq. 6's ``U [N, *S]`` on the teacher's own pixels, from its encoder features.
 

@@ -145,6 +145,47 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
                     b.copy_(kept)
 
 
+class RecordedBatchStatistics:
+    """The batch statistics a module's batch-norm layers normalised with in one train-mode pass,
+    replayed as fixed statistics in later passes.
+
+    :meth:`recording` notes each layer's per-channel mean and (biased) variance of its input;
+    within :meth:`replaying` those layers run in eval mode with the noted values as their running
+    statistics, so a replayed pass normalises every row exactly as the recorded pass did, and
+    however its rows are batched. The layers' own buffers and modes are restored afterwards.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, _BATCH_NORM_TYPES)]
+        self.stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def _record(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        x = inputs[0].detach()
+        dims = [0, *range(2, x.ndim)]
+        self.stats[module] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = [m.register_forward_pre_hook(self._record) for m in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        saved = [(m, m.training, m.running_mean, m.running_var) for m in self.stats]
+        try:
+            for m, (mean, var) in self.stats.items():
+                m.eval()
+                m.running_mean, m.running_var = mean, var
+            yield
+        finally:
+            for m, training, mean, var in saved:
+                m.training, m.running_mean, m.running_var = training, mean, var
+
+
 def monai_norm(norm: str, groups: int = 8) -> str | tuple[str, dict[str, Any]]:
     """Translate a norm name (``"batch"``, ``"instance"``, ``"group"``) into MONAI's norm argument.
 
