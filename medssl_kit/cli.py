@@ -2,7 +2,7 @@
 
 Exit codes:
 
-* 0 — success (for ``validate``: the manifest and every case are fine);
+* 0 — success (for ``validate``: every case is fine and the manifest fits the use asked for);
 * 1 — bad input: a manifest or case problem (every :class:`~medssl_kit.errors.MedsslError`),
   an I/O error, or ``validate`` finding problems; each problem is printed on stderr as one line
   ``medssl: error: <message>``, never as a traceback;
@@ -166,14 +166,28 @@ def _splits_arg(text: str) -> tuple[str, ...]:
 
 
 def _add_validate(subparsers: argparse._SubParsersAction) -> None:
+    from medssl_kit.data.manifest import USES
+
     p = subparsers.add_parser(
         "validate",
-        help="check a manifest and every case it lists; print a summary table",
+        help="check a manifest and every case it lists; say what it can be used for",
         description="Read every case of the manifest and check it (§2.6). Prints a summary "
-        "table; exits 0 only when all is well, else prints each problem on one line and exits 1. "
-        "Nothing is written.",
+        "table and what the manifest can be used for: 'pre-training only' (cases in the pretrain "
+        "or train split) or 'pre-training and fine-tuning' (train and test cases as well). Exits "
+        "0 when every case is sound and the manifest is fit for the use asked for (--for; "
+        "default: pre-training at least, the splits fine-tuning would need being a note); else "
+        "prints each problem on one line and exits 1. Nothing is written.",
     )
     p.add_argument("manifest", metavar="MANIFEST", help="manifest file (or a folder holding one)")
+    p.add_argument(
+        "--for",
+        dest="use",
+        choices=USES,
+        metavar="USE",
+        help="the use the manifest must be fit for: pretrain (a case in the pretrain or train "
+        "split) or finetune (also a train and a test case: fine-tuning and evaluation); default: "
+        "report the use, succeed when it can at least pre-train",
+    )
     p.add_argument(
         "--patch-size",
         type=_positive_int,
@@ -184,9 +198,10 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--require-splits",
         type=_splits_arg,
-        default=("train", "test"),
+        default=(),
         metavar="S1,S2",
-        help="splits that must have cases (default: train,test; 'none' for none)",
+        help="also require these splits to have cases, e.g. pretrain for a pre-training pool "
+        "(default: none beyond --for's; 'none' for none)",
     )
     p.set_defaults(handler=_run_validate)
 
@@ -196,7 +211,7 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.manifest)
     report = validate_manifest(
-        manifest, patch_size=args.patch_size, splits_required=args.require_splits
+        manifest, patch_size=args.patch_size, use=args.use, splits_required=args.require_splits
     )
     print(report.summary_table())
     if report.ok:

@@ -285,12 +285,19 @@ def test_empty_split(dataset, capsys):
         dataset, lambda m: m.update(cases=[c for c in m["cases"] if c["split"] != "test"])
     )
     before = folder_hash(dataset.parent)
-    report = validate_manifest(load_manifest(dataset))
+    report = validate_manifest(load_manifest(dataset), use="finetune")
     with pytest.raises(ManifestError, match="split 'test' has no cases") as info:
         report.raise_if_failed()
     assert "manifest.json" in str(info.value)
-    check_cli(dataset, capsys, ["manifest.json", "split 'test' has no cases"])
-    assert main(["validate", str(dataset), "--require-splits", "train"]) == 0
+    check_cli(
+        dataset, capsys, ["manifest.json", "split 'test' has no cases"], extra=["--for", "finetune"]
+    )
+    # without --for finetune the missing split is a note: the manifest is fit for pre-training
+    assert main(["validate", str(dataset)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "use       pre-training only" in out
+    assert "note      no fine-tuning: split 'test' has no cases" in out
+    check_cli(dataset, capsys, ["split 'test' has no cases"], extra=["--require-splits", "test"])
     assert folder_hash(dataset.parent) == before
 
 

@@ -79,6 +79,7 @@ def test_help_and_version(capsys):
         ["validate"],
         ["validate", "m.json", "--patch-size", "8", "x", "8"],
         ["validate", "m.json", "--require-splits", "training"],
+        ["validate", "m.json", "--for", "training"],
         ["phantom"],
         ["phantom", "--out", "x", "--cases", "0"],
         ["phantom", "--out", "x", "--spacing", "1", "-1", "1"],
@@ -102,6 +103,30 @@ def test_validate_ok_prints_the_table(tmp_path, capsys):
     code, out, err = run(["validate", tmp_path, "--patch-size", "4", "9", "8"], capsys)
     assert code == EXIT_FAILED and "FAILED: 4 problems" in out
     assert len(err.splitlines()) == 4
+
+
+def test_validate_a_pre_training_only_manifest(tmp_path, capsys):
+    """Unlabelled scans alone: fit for pre-training (exit 0, said so), not for fine-tuning."""
+    path = small_dataset(tmp_path)
+    code, out, err = run(["validate", path], capsys)
+    assert code == EXIT_OK and "use       pre-training and fine-tuning" in out and "note" not in out
+    data = json.loads(path.read_text())
+    data["cases"] = [
+        {"id": f"scan{i}", "image": f"img{i}.nii.gz", "split": "pretrain"} for i in range(4)
+    ]
+    path.write_text(json.dumps(data))
+    for extra in ([], ["--for", "pretrain"]):
+        code, out, err = run(["validate", path, *extra], capsys)
+        assert code == EXIT_OK and err == "" and "OK: no problems found" in out
+        assert "use       pre-training only" in out
+        assert "note      no fine-tuning: splits 'train' and 'test' have no cases" in out
+    code, out, err = run(["validate", path, "--for", "finetune"], capsys)
+    assert code == EXIT_FAILED and "use       pre-training only" in out
+    assert err.splitlines() == [
+        f"medssl: error: file '{path}': splits 'train' and 'test' have no cases; fine-tuning "
+        "trains on labelled 'train' cases and evaluates on 'test' cases, so the manifest can be "
+        "used for pre-training only"
+    ]
 
 
 def test_missing_manifest_is_one_line(tmp_path, capsys):

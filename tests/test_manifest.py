@@ -247,15 +247,45 @@ def test_resampled_shapes_in_report_and_patch_check(tmp_path):
     assert "resampled shape" in table and "7-13x12x10" in table and "FAILED: 4 problems" in table
 
 
-def test_required_splits_are_configurable(tmp_path):
+def test_validation_says_what_the_manifest_can_be_used_for(tmp_path):
     path = make_dataset(tmp_path / "data")
     data = json.loads(path.read_text())
+    full = validate_manifest(parse_manifest(data, path.parent, path=path))
+    assert full.ok and full.uses == ("pretrain", "finetune") and full.notes == []
+    assert full.use == "pre-training and fine-tuning"
+    assert "use       pre-training and fine-tuning" in full.summary_table().splitlines()
+
+    # pre-training cases alone: sound for pre-training, fine-tuning's missing splits a note
     data["cases"] = [c for c in data["cases"] if c["split"] == "pretrain"]
     m = parse_manifest(data, path.parent, path=path)
-    problems = validate_manifest(m).problems
-    assert [p.case_id for p in problems] == [None, None]
-    assert "split 'train' has no cases" in str(problems[0])
-    assert validate_manifest(m, splits_required=()).ok
+    for use in (None, "pretrain"):
+        report = validate_manifest(m, use=use)
+        assert report.ok and report.uses == ("pretrain",) and report.use == "pre-training only"
+        assert (
+            len(report.notes) == 1
+            and "splits 'train' and 'test' have no cases" in (report.notes[0])
+        )
+        assert f"note      {report.notes[0]}" in report.summary_table()
+    problems = validate_manifest(m, use="finetune").problems
+    assert len(problems) == 1 and problems[0].case_id is None and problems[0].path == str(path)
+    assert "splits 'train' and 'test' have no cases" in str(problems[0])
+    assert str(problems[0]).endswith("so the manifest can be used for pre-training only")
+    # further splits can be required on top of the use
+    problems = validate_manifest(m, splits_required=("pretrain", "val")).problems
+    assert [str(p).split(": ", 1)[1] for p in problems] == [
+        "split 'val' has no cases (required splits: pretrain, val)"
+    ]
+    with pytest.raises(ValueError, match="unknown use 'training'"):
+        validate_manifest(m, use="training")
+
+    # val and test cases alone: nothing to pre-train on, an error whatever the use
+    data = json.loads(path.read_text())
+    data["cases"] = [c for c in data["cases"] if c["split"] in ("val", "test")]
+    report = validate_manifest(parse_manifest(data, path.parent, path=path))
+    assert report.uses == () and report.use == "nothing yet"
+    assert len(report.problems) == 1 and "no case in split 'pretrain' or 'train'" in str(
+        report.problems[0]
+    )
 
 
 def write_msd(root: Path, n_train=10, n_test=2, modality=None, channels=1) -> Path:
@@ -565,8 +595,8 @@ def test_pooled_example_manifest_validates_in_the_pooled_label_space(tmp_path, c
     assert kidney[-1] == str(expected[4])
     assert any(line.split()[:1] == ["kits"] and "1->4, 2->5" in line for line in lines)
 
-    # the CLI agrees: exit 0 for the pre-training pool
-    assert main(["validate", str(path), "--require-splits", "pretrain"]) == 0
+    # the CLI agrees: exit 0 for the pre-training pool, which is what it is for
+    assert main(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert "OK: no problems found" in out and err == ""
+    assert "OK: no problems found" in out and "use       pre-training only" in out and err == ""
     assert folder_hash(tmp_path / "pooled") == before  # validation only reads

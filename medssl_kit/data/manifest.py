@@ -30,7 +30,13 @@ MODALITIES: tuple[str, ...] = ("CT", "MR")
 DEFAULT_IGNORE_INDEX = 255
 DEFAULT_CT_WINDOW: tuple[float, float] = (-200.0, 300.0)  # HU, abdominal soft-tissue window
 DEFAULT_MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
-DEFAULT_REQUIRED_SPLITS: tuple[str, ...] = ("train", "test")
+# What a manifest can be used for, and the splits each use reads: pre-training needs a case in
+# one of its splits (those ``medssl pretrain`` reads by default), fine-tuning and evaluation a
+# case in each of theirs (a labelled 'train' case to train on, a 'test' case to evaluate on).
+USES: tuple[str, ...] = ("pretrain", "finetune")
+PRETRAIN_SPLITS: tuple[str, ...] = ("pretrain", "train")
+FINETUNE_SPLITS: tuple[str, ...] = ("train", "test")
+USE_NAMES: dict[str, str] = {"pretrain": "pre-training", "finetune": "fine-tuning"}
 MSD_SPLIT_FRACTIONS: dict[str, float] = {"pretrain": 0.5, "train": 0.2, "val": 0.1, "test": 0.2}
 MANIFEST_FILENAME = "manifest.json"
 
@@ -723,30 +729,97 @@ class CaseInfo:
 
 @dataclass
 class ValidationReport:
-    """All problems found in a manifest (one :class:`ManifestError` each) and per-case facts."""
+    """All problems found in a manifest (one :class:`ManifestError` each) and per-case facts.
+
+    ``uses`` are what the manifest's splits are sound for (a subset of :data:`USES`, in order:
+    fine-tuning needs the splits pre-training needs and more); ``notes`` are remarks that are not
+    problems, e.g. the splits fine-tuning would need when only pre-training was asked for.
+    """
 
     manifest: Manifest
     problems: list[ManifestError] = field(default_factory=list)
     cases: list[CaseInfo] = field(default_factory=list)
+    uses: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """True when no problem was found."""
         return not self.problems
 
+    @property
+    def use(self) -> str:
+        """What the manifest can be used for, in words: "pre-training and fine-tuning",
+        "pre-training only" or "nothing yet" (no case in a split pre-training reads)."""
+        if "finetune" in self.uses:
+            return "pre-training and fine-tuning"
+        return "pre-training only" if "pretrain" in self.uses else "nothing yet"
+
     def raise_if_failed(self) -> None:
         """Raise the problem found, or a :class:`ManifestProblems` listing all of them."""
         raise_problems(self.problems)
 
     def summary_table(self) -> str:
-        """A fixed-width text table: cases, shapes and spacings per split, voxels per label."""
+        """A fixed-width text table: cases, shapes and spacings per split, voxels per label, the
+        use the manifest is sound for and any notes."""
         return _summary_table(self)
+
+
+def _quoted(splits: Sequence[str], joiner: str = "and") -> str:
+    names = [f"'{s}'" for s in splits]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {joiner} {names[-1]}"
+
+
+def _check_uses(
+    manifest: Manifest, use: str | None, splits_required: Sequence[str]
+) -> tuple[tuple[str, ...], list[ManifestError], list[str]]:
+    """The uses the splits allow, the problems (what ``use`` and ``splits_required`` demand but
+    the splits lack) and the notes (what fine-tuning would need when it was not demanded)."""
+    where = manifest.display_path
+    empty = [s for s in SPLITS if not manifest.split(s)]
+    pretrain = any(s not in empty for s in PRETRAIN_SPLITS)
+    lacking = [s for s in FINETUNE_SPLITS if s in empty]
+    uses = (("pretrain",) if pretrain else ()) + (("finetune",) if pretrain and not lacking else ())
+    problems, notes = [], []
+    if not pretrain:
+        problems.append(
+            ManifestError(
+                f"no case in split {_quoted(PRETRAIN_SPLITS, 'or')}: pre-training reads those "
+                "splits, so the manifest can be used for nothing yet",
+                path=where,
+            )
+        )
+    if lacking:
+        what = (
+            f"split{'s' if len(lacking) > 1 else ''} {_quoted(lacking)} "
+            f"{'have' if len(lacking) > 1 else 'has'} no cases"
+        )
+        need = "fine-tuning trains on labelled 'train' cases and evaluates on 'test' cases"
+        if use == "finetune":
+            can = "pre-training only" if pretrain else "nothing yet"
+            problems.append(
+                ManifestError(f"{what}; {need}, so the manifest can be used for {can}", path=where)
+            )
+        elif pretrain:
+            notes.append(f"no fine-tuning: {what} ({need})")
+    elif "val" in empty:
+        notes.append("split 'val' has no cases: fine-tuning selects its model on the train cases")
+    for split in splits_required:
+        if split in empty and not (use == "finetune" and split in lacking):
+            problems.append(
+                ManifestError(
+                    f"split '{split}' has no cases (required splits: {', '.join(splits_required)})",
+                    path=where,
+                )
+            )
+    return uses, problems, notes
 
 
 def validate_manifest(
     manifest: Manifest,
     patch_size: Sequence[int] | None = None,
-    splits_required: Sequence[str] = DEFAULT_REQUIRED_SPLITS,
+    use: str | None = None,
+    splits_required: Sequence[str] = (),
 ) -> ValidationReport:
     """Read every case and check it (§2.6); collect every problem rather than stop at the first.
 
@@ -754,13 +827,20 @@ def validate_manifest(
     agree in shape and affine; image intensities are finite; label values are integers listed in
     ``labels`` (or ``ignore_index``), or, for a source with a ``label_map``, keys of that map (or 0
     or ``ignore_index``); labels of a source's case only use that source's classes;
-    every volume (after resampling to ``target_spacing``) is at least ``patch_size`` (z, y, x);
-    every split in ``splits_required`` has a case. By default "train" and "test" are required —
-    what fine-tuning and evaluation need; pass ``()`` for a pre-training-only manifest. Schema
-    problems and duplicate ids are caught earlier, by :func:`load_manifest`. Nothing is written.
+    every volume (after resampling to ``target_spacing``) is at least ``patch_size`` (z, y, x).
+
+    And what the manifest can be used for (``report.uses``, in words ``report.use``): pre-training
+    needs a case in split "pretrain" or "train", fine-tuning and evaluation a case in "train" and
+    in "test". ``use`` is the use it must be sound for: ``None`` or ``"pretrain"`` (the splits
+    fine-tuning would need are then a note when missing, not a problem), or ``"finetune"``
+    (missing "train" / "test" cases are problems). ``splits_required`` names further splits that
+    must have a case. Schema problems and duplicate ids are caught earlier, by
+    :func:`load_manifest`. Nothing is written.
     """
     from medssl_kit.data import io  # imported here: reading pulls in MONAI, schema checks do not
 
+    if use is not None and use not in USES:
+        raise ValueError(f"unknown use {use!r}; choose from {', '.join(USES)} (or None)")
     unknown = [s for s in splits_required if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; choose from {', '.join(SPLITS)}")
@@ -771,15 +851,7 @@ def validate_manifest(
     ):
         raise ValueError(f"patch_size must be three positive integers (z, y, x), got {patch_size}")
     report = ValidationReport(manifest=manifest)
-    for split in splits_required:
-        if not manifest.split(split):
-            report.problems.append(
-                ManifestError(
-                    f"split '{split}' has no cases; fine-tuning and evaluation need at least "
-                    f"one (required splits: {', '.join(splits_required)})",
-                    path=manifest.display_path,
-                )
-            )
+    report.uses, report.problems, report.notes = _check_uses(manifest, use, splits_required)
     for case in manifest.cases:
         info = CaseInfo(case.id, case.split, case.source, case.image, case.label is not None)
         report.cases.append(info)
@@ -924,6 +996,9 @@ def _summary_table(report: ValidationReport) -> str:
             src_rows.append(row)
         header = ["source", "annotates", "cases", *(["label map (file -> class)"] if maps else [])]
         lines += _table(header, src_rows, "llrl"[: len(header)])
+    lines.append("")
+    lines.append(f"use       {report.use}")
+    lines += [f"note      {note}" for note in report.notes]
     lines.append("")
     lines.append(
         "OK: no problems found"
