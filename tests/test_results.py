@@ -56,6 +56,18 @@ def test_write_load_round_trip_keeps_values_and_dtypes(tmp_path):
     assert pd.api.types.is_string_dtype(df["method"]) and pd.api.types.is_string_dtype(df["case"])
 
 
+def test_case_counts_are_written_as_integers_and_round_trip(tmp_path):
+    rows = [_row(labeled=1.0), _row(labeled=8, case="c8"), _row(labeled=0.25, case="c9")]
+    path = write_results(rows, tmp_path / "results.csv")
+    written = pd.read_csv(path, dtype=str)
+    assert written["labeled"].tolist() == ["1", "8", "0.25"]
+    assert path.read_text().splitlines()[1].startswith("scratch,unet,2,1,0,case_000,1,")
+    df = load_results(path)
+    assert df["labeled"].tolist() == [1.0, 8.0, 0.25] and df["labeled"].dtype == np.float64
+    again = write_results(df.to_dict("records"), tmp_path / "again.csv")
+    assert again.read_text() == path.read_text()
+
+
 def test_write_validates_before_touching_the_file(tmp_path):
     path = write_results([_row()], tmp_path / "results.csv")
     original = path.read_bytes()

@@ -8,7 +8,8 @@ columns :data:`RESULT_COLUMNS` (any further columns, e.g. ``mode``, ``init``, ``
 method    str      pre-training method, or ``scratch``
 backbone  str      backbone name (``unet``, ``resunet``, ...)
 dims      int      2 or 3 (spatial dimensionality of the model)
-labeled   float    label budget: number of labelled fine-tuning cases, or a fraction of them
+labeled   float    label budget: number of labelled fine-tuning cases (written as an integer,
+                   ``1``), or a fraction of them (``0.25``); loaded as a float
 seed      int      seed of the fine-tuning run (same seed = same labelled subset across methods)
 case      str      test case id
 class_id  int      label value
@@ -139,6 +140,10 @@ def write_results(rows: Iterable[Mapping[str, object]], path: str | Path) -> Pat
         if missing:
             raise ValueError(f"result row {i} lacks column(s) {missing}")
     df = _normalise(pd.DataFrame(rows, columns=RESULT_COLUMNS + extras))
+    # a case count is written as one ("1", not "1.0"); a fractional budget stays a number
+    df["labeled"] = pd.Series(
+        [int(v) if float(v).is_integer() else float(v) for v in df["labeled"]], dtype=object
+    )
     path = Path(path)
     atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
     return path
