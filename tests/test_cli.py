@@ -14,6 +14,8 @@ import pytest
 import medssl_kit
 from medssl_kit.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from medssl_kit.config import PROFILES
+from medssl_kit.errors import MedsslError
+from medssl_kit.methods.registry import available_methods, get_method, unknown_methods_message
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -238,3 +240,18 @@ def test_help_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_unknown_method_suggests_the_closest_name(tmp_path, capsys):
+    code, out, err = run(
+        ["pretrain", "--method", "pcrlv3", "--manifest", tmp_path, "--out", tmp_path / "r"], capsys
+    )
+    assert code == EXIT_FAILED and out == "" and not (tmp_path / "r").exists()
+    assert err.splitlines() == [
+        "medssl: error: unknown pre-training method 'pcrlv3' (did you mean 'pcrlv2'?); "
+        f"available: {', '.join(available_methods())}"
+    ]
+    with pytest.raises(MedsslError, match=r"'simsam' \(did you mean 'simsiam'\?\)"):
+        get_method("simsam")
+    far = unknown_methods_message(["xyz", "byl"])
+    assert far.startswith("unknown pre-training methods 'xyz', 'byl' (did you mean 'byol'?);")

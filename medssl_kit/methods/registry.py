@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from importlib import import_module
 
 from medssl_kit.errors import MedsslError
@@ -22,12 +24,22 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def unknown_methods_message(names: Sequence[str]) -> str:
+    """The one-line error for unregistered method ``names``: each with the closest registered
+    name as a "did you mean" hint where one is close, then the available names."""
+    known = available_methods()
+    named = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        named.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    plural = "s" if len(named) > 1 else ""
+    return f"unknown pre-training method{plural} {', '.join(named)}; available: {', '.join(known)}"
+
+
 def get_method(name: str) -> type[PretrainMethod]:
     """The :class:`PretrainMethod` subclass registered as ``name``."""
     if name not in _METHODS:
-        raise MedsslError(
-            f"unknown pre-training method '{name}'; available: {', '.join(available_methods())}"
-        )
+        raise MedsslError(unknown_methods_message([name]))
     target = _METHODS[name]
     if not isinstance(target, str):
         return target
