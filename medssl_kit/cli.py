@@ -516,7 +516,8 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
         "seeds, and a paired Wilcoxon signed-rank p of organ Dice against the baseline over "
         "(test case, seed) pairs. Slice-classifier runs (finetune --mode classify) under the "
         "folders get a second table: AUROC mean ± sd over seeds and the paired difference "
-        "against the baseline with a 95 %% case-bootstrap interval and p.",
+        "against the baseline with a 95 %% case-bootstrap interval and p. Runs made at the "
+        "smoke profile get a note first: their numbers only show that the pipeline runs.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folders or results.csv files")
     p.add_argument("--baseline", default="scratch", metavar="METHOD")
@@ -531,7 +532,12 @@ def _run_report(args: argparse.Namespace) -> int:
         auroc_table,
         load_classifier_predictions,
     )
-    from medssl_kit.evaluate.report import comparison_table, split_classes, to_markdown
+    from medssl_kit.evaluate.report import (
+        comparison_table,
+        profile_notes,
+        split_classes,
+        to_markdown,
+    )
     from medssl_kit.evaluate.results import RESULTS_FILENAME, load_results
 
     predictions = load_classifier_predictions(args.paths)
@@ -542,6 +548,8 @@ def _run_report(args: argparse.Namespace) -> int:
         raise MedsslError(
             f"no {RESULTS_FILENAME} and no classifier run found under {', '.join(args.paths)}"
         )
+    for note in profile_notes(args.paths):
+        print(f"> Note: {note}\n")
     tables = []
     if segmentation:
         df = load_results(segmentation)

@@ -15,9 +15,12 @@ from medssl_kit.evaluate.classification import (
 )
 from medssl_kit.evaluate.metrics import auroc
 from medssl_kit.evaluate.report import (
+    SMOKE_NOTE,
     comparison_table,
     load_run_summaries,
+    profile_notes,
     ranking,
+    run_profiles,
     split_classes,
     to_markdown,
     wall_time_table,
@@ -111,6 +114,48 @@ def test_cli_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "ssl" / "results.csv")]) == 0  # a file works too
     assert "| ssl | 1 |" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "table.csv")) == 2
+
+
+def _runs_with_profiles(root, profiles):
+    """One fine-tuning run folder per method (results.csv + config.json at ``profiles[method]``)
+    and a pre-training run at the smoke profile, which holds no numbers of the table."""
+    df = _rows()
+    for method, part in df.groupby("method"):
+        run = root / method / "labeled-1_seed-0"
+        write_results(part.to_dict("records"), run / "results.csv")
+        config = {"kind": "finetune", "method": method, "config": {"profile": profiles[method]}}
+        (run / "config.json").write_text(json.dumps(config))
+    (root / "pretrain").mkdir()
+    pretrain = {"kind": "pretrain", "config": {"profile": "smoke"}}
+    (root / "pretrain" / "config.json").write_text(json.dumps(pretrain))
+
+
+def test_smoke_profile_runs_get_a_note(tmp_path):
+    _runs_with_profiles(tmp_path / "smoke", {"scratch": "smoke", "ssl": "smoke"})
+    assert set(run_profiles(tmp_path / "smoke").values()) == {"smoke"}
+    assert len(run_profiles(tmp_path / "smoke")) == 2  # the pre-training run is not counted
+    assert profile_notes(tmp_path / "smoke") == [f"These are smoke-profile runs. {SMOKE_NOTE}"]
+    one_file = tmp_path / "smoke" / "ssl" / "labeled-1_seed-0" / "results.csv"
+    assert profile_notes([one_file]) == profile_notes(tmp_path / "smoke")
+
+    _runs_with_profiles(tmp_path / "cpu", {"scratch": "cpu", "ssl": "cpu"})
+    assert profile_notes(tmp_path / "cpu") == []
+    _runs_with_profiles(tmp_path / "mixed", {"scratch": "cpu", "ssl": "smoke"})
+    (tmp_path / "mixed" / "stray").mkdir()
+    (tmp_path / "mixed" / "stray" / "config.json").write_text("{not json")  # not a run: skipped
+    (note,) = profile_notes(tmp_path / "mixed")
+    assert note.startswith("1 of these 2 fine-tuning runs are smoke-profile runs. ")
+
+
+def test_cli_report_says_smoke_numbers_only_show_the_pipeline_runs(tmp_path, capsys):
+    _runs_with_profiles(tmp_path / "smoke", {"scratch": "smoke", "ssl": "smoke"})
+    assert main(["report", str(tmp_path / "smoke")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"> Note: These are smoke-profile runs. {SMOKE_NOTE}\n\n| method |")
+    _runs_with_profiles(tmp_path / "cpu", {"scratch": "cpu", "ssl": "cpu"})
+    assert main(["report", str(tmp_path / "cpu")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| method |") and "smoke" not in out
 
 
 def test_ranking_per_budget_dice_high_hd95_low():

@@ -8,7 +8,8 @@ of each method's organ Dice against the baseline over (test case, seed) pairs
 p-values, the same test over per-seed means (``unit="seed"``: the fine-tuning run is the
 replicated unit; needs six seeds), and the number of fine-tuning seeds on which the method's mean
 is ahead (that test's ``n_ahead``). Also: a ranking of methods at each
-budget, and wall times read from the runs' ``summary.json`` files.
+budget, wall times read from the runs' ``summary.json`` files, and notes on what the numbers can
+mean (:func:`profile_notes`: smoke-profile runs only prove that the pipeline runs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.results import aggregate, paired_wilcoxon
 
 SUMMARY_FILENAME = "summary.json"
+CONFIG_FILENAME = "config.json"
+
+SMOKE_NOTE = (
+    "The smoke profile trains on tiny images for a handful of steps: it shows that the pipeline "
+    "runs, not which start is better. After so few steps the models predict much the same "
+    "(often one class everywhere), so every method tends to get the same numbers; compare "
+    "methods on runs at the cpu or gpu profile."
+)
 
 LESION_WORDS = ("lesion", "tumor", "tumour")
 
@@ -182,3 +191,49 @@ def wall_time_table(summaries: pd.DataFrame) -> pd.DataFrame:
     out.insert(0, "pretrain_s", pre.reindex(out.index))
     out["total_s"] = out["pretrain_s"].fillna(0.0) + out["finetune_total_s"]
     return out.reset_index().rename(columns={"index": "method"})
+
+
+def run_profiles(paths: str | Path | Iterable[str | Path]) -> dict[str, str]:
+    """The profile of every fine-tuning run under ``paths``: run folder → profile name.
+
+    ``paths`` are what :func:`~medssl_kit.evaluate.results.load_results` takes: folders (searched
+    recursively for the runs' ``config.json``) or a run's ``results.csv`` (its folder's
+    ``config.json``). Runs whose config does not record a profile, and files that are not a
+    run's config, are left out.
+    """
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    files: dict[Path, Path] = {}
+    for item in items:
+        root = Path(item)
+        found = [root.parent / CONFIG_FILENAME] if root.is_file() else root.rglob(CONFIG_FILENAME)
+        files.update({f.resolve(): f for f in found if f.is_file()})
+    profiles = {}
+    for path in files.values():
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # not a run's config; the results themselves are checked where they load
+        settings = config.get("config") if isinstance(config, dict) else None
+        profile = settings.get("profile") if isinstance(settings, dict) else None
+        if isinstance(profile, str) and config.get("kind") == "finetune":
+            profiles[str(path.parent)] = profile
+    return profiles
+
+
+def profile_notes(paths: str | Path | Iterable[str | Path]) -> list[str]:
+    """What the runs' profile says about their numbers, one note each (empty when nothing).
+
+    When fine-tuning runs under ``paths`` were made at the ``smoke`` profile, a note says so and
+    that their numbers only prove the pipeline runs (:data:`SMOKE_NOTE`), with how many of the
+    runs it concerns when other profiles are mixed in.
+    """
+    profiles = run_profiles(paths)
+    smoke = sum(p == "smoke" for p in profiles.values())
+    if not smoke:
+        return []
+    which = (
+        "These are smoke-profile runs"
+        if smoke == len(profiles)
+        else f"{smoke} of these {len(profiles)} fine-tuning runs are smoke-profile runs"
+    )
+    return [f"{which}. {SMOKE_NOTE}"]
