@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,6 +24,8 @@ from medssl_kit.train.finetune import (
     _param_groups,
     choose_labeled_cases,
     finetune,
+    label_budget_cases,
+    run_budgets,
 )
 from medssl_kit.train.pretrain import PretrainConfig
 from medssl_kit.train.transfer import (
@@ -49,6 +52,38 @@ def test_label_budgets_are_seeded_and_nested(tiny_phantom):
         choose_labeled_cases(manifest, 4, seed=0)
     with pytest.raises(MedsslError, match="budget"):
         choose_labeled_cases(manifest, -1, seed=0)
+
+
+def test_budgets_selecting_the_same_cases_are_fine_tuned_once(tiny_phantom, tmp_path, monkeypatch):
+    """With 3 labelled train cases, 1 and 0.34 select one case, 3 and "all" three: one run each,
+    under the first budget named, with a note naming the merged budgets."""
+    manifest = load_manifest(tiny_phantom)
+    budgets = [1, 2, 3, "all", 0.34]
+    assert label_budget_cases(manifest, budgets) == {1: 1, 2: 2, 3: 3, "all": 3, 0.34: 1}
+    calls = []
+
+    def fake_finetune(init, manifest, cfg, out_dir, **kw):
+        calls.append((cfg.labeled, cfg.seed, Path(out_dir).name))
+        return cfg.labeled
+
+    monkeypatch.setattr(finetune_module, "finetune", fake_finetune)
+    notes = []
+    cfg = FinetuneConfig(**FAST)
+    results = run_budgets("scratch", manifest, cfg, tmp_path, budgets, [0, 1], note=notes.append)
+    assert calls == [(b, s, f"labeled-{b}_seed-{s}") for b in (1, 2, 3) for s in (0, 1)]
+    assert results == [1, 1, 2, 2, 3, 3]
+    assert notes == [
+        "label budgets 1 and 0.34 both select 1 labelled 'train' case: fine-tuned once, as "
+        "budget 1",
+        "label budgets 3 and 'all' both select 3 labelled 'train' cases: fine-tuned once, as "
+        "budget 3",
+    ]
+    calls.clear()
+    run_budgets("scratch", manifest, cfg, tmp_path, [2, 1], [0], note=notes.append)
+    assert calls == [(2, 0, "labeled-2_seed-0"), (1, 0, "labeled-1_seed-0")] and len(notes) == 2
+    with pytest.raises(MedsslError, match="exceeds the 3 labelled train cases"):
+        run_budgets("scratch", manifest, cfg, tmp_path, [1, 4], [0], note=notes.append)
+    assert len(calls) == 2  # nothing ran: every budget is checked before the first run
 
 
 def test_training_on_the_pretrain_split_labels(tiny_phantom, tmp_path):

@@ -768,6 +768,21 @@ _NO_INTENSITY = dict(
 )
 
 
+def label_budget_cases(
+    manifest: Manifest, budgets: list[int | float | str], split: str = "train"
+) -> dict[int | float | str, int]:
+    """How many labelled ``split`` cases each label budget selects (a count, a fraction, "all").
+
+    Budgets can coincide: with one labelled case, 1, 0.5 and "all" all select that case.
+    """
+    pool = sum(1 for c in manifest.split(split) if c.labelled)
+    if not pool:
+        raise MedsslError(
+            f"manifest '{manifest.display_path}' has no labelled case in split '{split}'"
+        )
+    return {budget: _budget_count(budget, pool, split) for budget in budgets}
+
+
 def run_budgets(
     init: str | Path,
     manifest: str | Path | Manifest,
@@ -777,15 +792,31 @@ def run_budgets(
     seeds: list[int],
     *,
     progress: bool = False,
+    note: Callable[[str], None] = print,
 ) -> list[FinetuneResult]:
     """Fine-tune once per budget × seed into ``out_dir/labeled-<b>_seed-<s>``.
 
-    A run folder that already holds a ``summary.json`` is a finished run and is read back, not
-    repeated; one with a checkpoint but no summary (killed) is resumed.
+    Budgets that select the same number of labelled cases (:func:`label_budget_cases`; e.g. 1
+    and "all" when the manifest has one labelled training case) select the same cases for a seed,
+    so they are fine-tuned once, under the first of them, and ``note`` is told which budgets
+    were merged. A run folder that already holds a ``summary.json`` is a finished run and is read
+    back, not repeated; one with a checkpoint but no summary (killed) is resumed.
     """
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    counts = label_budget_cases(manifest, list(budgets), cfg.train_split)
+    kept: dict[int, list[int | float | str]] = {}
+    for budget in dict.fromkeys(budgets):
+        kept.setdefault(counts[budget], []).append(budget)
+    for n, same in kept.items():
+        if len(same) > 1:
+            named = " and ".join(repr(b) if isinstance(b, str) else f"{b:g}" for b in same)
+            note(
+                f"label budgets {named} {'both' if len(same) == 2 else 'all'} select {n} "
+                f"labelled '{cfg.train_split}' "
+                f"case{'s' if n != 1 else ''}: fine-tuned once, as budget {same[0]}"
+            )
     results = []
-    for budget in budgets:
+    for budget in (same[0] for same in kept.values()):
         for seed in seeds:
             run = Path(out_dir) / f"labeled-{budget}_seed-{seed}"
             if (run / "summary.json").is_file():
