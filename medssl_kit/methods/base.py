@@ -22,12 +22,17 @@ documented in the method's docstring.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from medssl_kit.errors import MedsslError
+
 DATASET_KINDS = ("slices", "sequences", "patches", "volumes", "pooled_volumes")
+# Keys the pre-training loop adds to every method's settings (the view and patch sizes).
+LOOP_KEYS = ("crop_size", "patch_size")
 
 
 class PretrainMethod(nn.Module):
@@ -53,6 +58,18 @@ class PretrainMethod(nn.Module):
             )
         self.backbone = backbone
         self.cfg: dict[str, Any] = dict(cfg or {})
+
+    def resolve_settings(self, known: Mapping[str, Any]) -> dict[str, Any]:
+        """``known`` (the method's settings and their defaults) updated with the given ``cfg``;
+        a key that is neither known nor one the loop adds (:data:`LOOP_KEYS`) is an error that
+        lists the known ones."""
+        unknown = sorted(set(self.cfg) - set(known) - set(LOOP_KEYS))
+        if unknown:
+            raise MedsslError(
+                f"{self.name}: unknown setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return {**known, **self.cfg}
 
     @classmethod
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:

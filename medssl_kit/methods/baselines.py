@@ -107,9 +107,6 @@ from medssl_kit.methods.base import PretrainMethod
 from medssl_kit.methods.ema import ema_update_, frozen_copy, teacher_momentum
 from medssl_kit.models.heads import MLPHead
 
-# Keys the pre-training loop adds to every method's settings.
-_LOOP_KEYS = ("crop_size", "patch_size")
-
 VIEW_DEFAULTS: dict[str, Any] = {
     "scale": (0.2, 1.0),
     "ratio": (3 / 4, 4 / 3),
@@ -166,14 +163,6 @@ def _gap(x: Tensor) -> Tensor:
     return x.flatten(2).mean(2)
 
 
-def _check_settings(name: str, cfg: Mapping[str, Any], known: Mapping[str, Any]) -> None:
-    unknown = sorted(set(cfg) - set(known) - set(_LOOP_KEYS))
-    if unknown:
-        raise MedsslError(
-            f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-
-
 def _z_std(z: Tensor) -> Tensor:
     """Mean per-dimension standard deviation of L2-normalised ``z[B, D]`` (SimSiam §4.1)."""
     return F.normalize(z.detach(), dim=1).std(0).mean()
@@ -192,9 +181,7 @@ class _TwoViewMethod(PretrainMethod):
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
-        known = {**self.settings, "view": {}}
-        _check_settings(self.name, self.cfg, known)
-        self.cfg = {**known, **self.cfg}
+        self.cfg = self.resolve_settings({**self.settings, "view": {}})
         crop = tuple(self.cfg.get("crop_size") or get_profile(None).pretrain.crop_size)
         scale = min(crop) / _BLUR_REFERENCE_SIZE
         blur = tuple(s * scale for s in VIEW_DEFAULTS["blur_sigma"])
@@ -403,8 +390,7 @@ class ModelsGenesis(PretrainMethod):
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
-        _check_settings(self.name, self.cfg, GENESIS_SETTINGS)
-        self.cfg = {**GENESIS_SETTINGS, **self.cfg}
+        self.cfg = self.resolve_settings(GENESIS_SETTINGS)
         self.dims = int(backbone.spatial_dims)
         prof = get_profile(None).pretrain
         key = "crop_size" if self.dims == 2 else "patch_size"

@@ -110,7 +110,6 @@ SETTINGS: dict[str, Any] = {
     "spatial_prob": 0.5,
     "intensity_prob": 0.2,
 }
-_LOOP_KEYS = ("crop_size", "patch_size")
 # The cpu profile's 10-minute pre-training budget: 2D runs the profile's 1000 steps (the paper's
 # 1000 iterations; ≈ 0.4 s a step on 2 cores), 3D UNETR on 32×64×64 patches ≈ 0.9 s a step
 # (benchmarks/RESULTS.md), so 500 steps.
@@ -169,14 +168,7 @@ class MixCL(PretrainMethod):
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
-        unknown = sorted(set(self.cfg) - set(SETTINGS) - set(_LOOP_KEYS))
-        if unknown:
-            raise MedsslError(
-                f"mixcl: unknown setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(SETTINGS))}"
-            )
-        self.cfg = {**SETTINGS, **self.cfg}
-        cfg = self.cfg
+        self.cfg = cfg = self.resolve_settings(SETTINGS)
         self.dims = backbone.spatial_dims
         size = cfg.get("patch_size") if self.dims == 3 else cfg.get("crop_size")
         if size is None:

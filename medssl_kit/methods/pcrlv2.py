@@ -278,14 +278,7 @@ class PCRLv2(PretrainMethod):
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
-        known = {**METHOD_DEFAULTS, **VIEW_DEFAULTS}
-        unknown = sorted(set(self.cfg) - set(known))
-        if unknown:
-            raise MedsslError(
-                f"pcrlv2: unknown setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        c = {**known, **self.cfg}
+        c = self.resolve_settings({**METHOD_DEFAULTS, **VIEW_DEFAULTS})
         self.dims = int(backbone.spatial_dims)
         self.restoration = bool(c["restoration"])
         self.comparison = bool(c["comparison"])

@@ -197,8 +197,6 @@ SETTINGS: dict[str, Any] = {
 # paper's 20 MC-dropout passes, 400 steps. Measured with benchmarks/bench_pretrain.py on a quiet
 # 2-core machine: 1.36 s/step (64², 20 passes) against 3.5 s/step at the profile's 96² crops.
 CPU_BUDGET: dict[str, Any] = {"steps": 400, "crop_size": (64, 64)}
-# Keys the pre-training loop adds to every method's settings.
-_LOOP_KEYS = ("crop_size", "patch_size")
 DROPOUT = 0.1
 UNCERTAINTY_MEASURES = ("entropy", "mutual_information")
 
@@ -270,14 +268,7 @@ class PixelGlobal(PretrainMethod):
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
-        unknown = sorted(set(self.cfg) - set(SETTINGS) - set(_LOOP_KEYS))
-        if unknown:
-            raise MedsslError(
-                f"pixel_global: unknown setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(SETTINGS))}"
-            )
-        self.cfg = {**SETTINGS, **self.cfg}
-        cfg = self.cfg
+        self.cfg = cfg = self.resolve_settings(SETTINGS)
         if cfg["local_discrepancy"] not in L.DISCREPANCIES:
             raise MedsslError(
                 f"pixel_global: local_discrepancy must be one of {L.DISCREPANCIES}, "

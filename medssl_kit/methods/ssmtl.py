@@ -99,8 +99,6 @@ SETTINGS: dict[str, Any] = {
     "lambda_sim": 1.0,
     "predictor_hidden": None,
 }
-# Keys the pre-training loop adds to every method's settings (unused here: slices are whole).
-_LOOP_KEYS = ("crop_size", "patch_size")
 # Floor of the per-slice standard deviation in instance normalisation ([0, 1] intensity units).
 MIN_STD = 0.01
 
@@ -146,13 +144,7 @@ class SSMTL(PretrainMethod):
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
-        unknown = sorted(set(self.cfg) - set(SETTINGS) - set(_LOOP_KEYS))
-        if unknown:
-            raise MedsslError(
-                f"{self.name}: unknown setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(SETTINGS))}"
-            )
-        self.cfg = {**SETTINGS, "plus": self.plus, **self.cfg}
+        self.cfg = self.resolve_settings({**SETTINGS, "plus": self.plus})
         cfg = self.cfg
         if bool(cfg["plus"]) != self.plus:
             other = "ssmtl_plus" if cfg["plus"] else "ssmtl"
