@@ -677,8 +677,10 @@ def _run_run(args: argparse.Namespace) -> int:
     if summary.is_file():
         import pandas as pd
 
-        from medssl_kit.evaluate.report import to_markdown
+        from medssl_kit.evaluate.report import profile_notes, to_markdown
 
+        for note in profile_notes(out / "finetune"):
+            print(note)
         print(to_markdown(pd.read_csv(summary)))
     elapsed = time.perf_counter() - start
     print(f"pipeline finished in {elapsed:.0f} s; report: {out / 'report.html'}")

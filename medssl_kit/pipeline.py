@@ -109,15 +109,13 @@ class PipelineConfig:
 
     def resolved(self) -> PipelineConfig:
         prof = get_profile(self.profile)
-        from medssl_kit.methods.registry import available_methods
+        from medssl_kit.methods.registry import available_methods, unknown_methods_message
 
         known = available_methods()
         methods = known if self.methods is None else list(self.methods)
         unknown = [m for m in methods if m not in known]
         if unknown:
-            raise PipelineError(
-                f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}"
-            )
+            raise PipelineError(unknown_methods_message(unknown))
         if "scratch" in methods:
             raise PipelineError("'scratch' is always run; list only pre-training methods")
         return PipelineConfig(

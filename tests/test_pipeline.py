@@ -60,8 +60,10 @@ def test_budgets_and_seeds_default_to_the_profile(tmp_path):
 
 
 def test_unknown_method_and_scratch_are_refused(tmp_path):
-    with pytest.raises(PipelineError, match="unknown method.*simclr"):
+    with pytest.raises(PipelineError, match="unknown pre-training method.*simclr"):
         plan(PipelineConfig(profile="smoke", methods=["simclr"]), tmp_path)
+    with pytest.raises(PipelineError, match="'pcrlv3' \\(did you mean 'pcrlv2'\\?\\)"):
+        plan(PipelineConfig(profile="smoke", methods=["pcrlv3"]), tmp_path)
     with pytest.raises(PipelineError, match="scratch"):
         plan(PipelineConfig(profile="smoke", methods=["scratch"]), tmp_path)
 
@@ -137,6 +139,7 @@ def test_medssl_run_smoke_end_to_end(tiny_phantom, tmp_path, capsys):
     assert main([*argv, "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "| simsiam | 1 |" in printed and "report.html" in printed
+    assert "These are smoke-profile runs" in printed  # the numbers only prove the pipeline runs
 
     record = json.loads((out / "pipeline.json").read_text())
     names = ["data", "pretrain-simsiam", "finetune-scratch", "finetune-simsiam", "compare"]
