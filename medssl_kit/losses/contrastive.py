@@ -8,6 +8,11 @@
   negatives of a queue (:func:`info_nce`), optionally with in-batch negatives, which makes it
   SimCLR's NT-Xent (see :func:`info_nce` for when it equals ``monai.losses.ContrastiveLoss``).
 
+Across processes (DDP, :mod:`medssl_kit.distributed`): with in-batch negatives, :func:`info_nce`
+contrasts each query with the keys and queries of *every* rank (gathered; the other ranks'
+queries with their gradient), so the mean of the ranks' losses is the loss of the global batch
+on one process, and so is its gradient. With one process nothing is gathered.
+
 Conventions: vectors are ``[B, D]`` (more leading axes are averaged like the batch);
 *targets* — SimSiam's ``z`` of the other view, BYOL's target projections, MoCo's keys and queue —
 are detached here (``sg``, stop-gradient), so no gradient reaches the branch that produced them,
@@ -19,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from medssl_kit.distributed import all_gather_rows
 
 __all__ = ["byol_loss", "info_nce", "negative_cosine", "normalized_mse", "simsiam_loss"]
 
@@ -87,6 +94,10 @@ def info_nce(
 
     exactly (MONAI normalises by cosine similarity as well, and its denominator leaves out only
     the anchor itself). With a queue, or without in-batch negatives, the two differ.
+
+    Several processes: the in-batch negatives are those of the global batch — the keys and the
+    queries of every rank (:func:`~medssl_kit.distributed.all_gather_rows`), so the loss of each
+    rank is its queries' mean over the global batch's negatives.
     """
     q = F.normalize(query, dim=-1)
     k = F.normalize(key.detach(), dim=-1)
@@ -94,8 +105,11 @@ def info_nce(
     if queue is not None and queue.shape[0]:
         logits.append(q @ F.normalize(queue.detach(), dim=-1).T)  # [B, K]
     if in_batch_negatives:
-        off_diagonal = ~torch.eye(q.shape[0], dtype=torch.bool, device=q.device)
-        logits.append((q @ k.T)[off_diagonal].view(q.shape[0], -1))  # other keys
-        logits.append((q @ q.T)[off_diagonal].view(q.shape[0], -1))  # other queries
+        all_k, start = all_gather_rows(k)  # every rank's (one process: k itself)
+        all_q, _ = all_gather_rows(q)
+        own = torch.arange(start, start + q.shape[0], device=q.device)
+        off_diagonal = own[:, None] != torch.arange(all_q.shape[0], device=q.device)[None, :]
+        logits.append((q @ all_k.T)[off_diagonal].view(q.shape[0], -1))  # other keys
+        logits.append((q @ all_q.T)[off_diagonal].view(q.shape[0], -1))  # other queries
     scores = torch.cat(logits, dim=1) / temperature
     return F.cross_entropy(scores, scores.new_zeros(scores.shape[0], dtype=torch.long))

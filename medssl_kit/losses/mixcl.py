@@ -11,6 +11,10 @@ B·H·W·D`` counts the pixels of a batch; ``𝒜`` is the label relation matrix
 - :func:`boundary_weight_map`, :func:`sample_class_pixels` — eq. 7's pixel sampling;
 - :func:`label_relation`, :func:`label_consistency_loss` — eq. 6 on the sampled pixels;
 - the reconstruction term (eq. 3) is a plain mean squared error.
+
+Across processes (DDP, :mod:`medssl_kit.distributed`), :func:`label_consistency_loss` takes the
+sampled pixels of every rank: each rank's pixels are anchors against all ranks' pixels, and the
+ranks' losses average to the loss over all anchors of the global batch (as on one process).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch.nn.functional as F
 from monai.losses import BarlowTwinsLoss
 from monai.transforms.utils import distance_transform_edt
 from torch import Tensor
+
+from medssl_kit.distributed import all_gather_rows, all_reduce_sum, world_size
 
 __all__ = [
     "boundary_weight_map",
@@ -113,12 +119,21 @@ def sample_class_pixels(
     return torch.cat(indices), torch.cat(classes)
 
 
-def label_relation(classes: Tensor, sources: Tensor) -> Tensor:
-    """The label relation matrix ``𝒜`` (Fig. 2d) of sampled pixels: ``[N, N]`` int8 with
+def label_relation(
+    classes: Tensor,
+    sources: Tensor,
+    other_classes: Tensor | None = None,
+    other_sources: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """The label relation matrix ``𝒜`` (Fig. 2d) of sampled pixels: ``[N, M]`` int8 with
     ``1`` (positive), ``0`` (negative) or ``-1`` (ignored).
 
     ``classes [N]``: each pixel's class in the pooled label space (0 = background);
-    ``sources [N]``: the index of the source (dataset) its label comes from. Two pixels are
+    ``sources [N]``: an identifier of the source (dataset) its label comes from (only equality
+    counts). Column ``j`` is pixel ``j`` of ``other_classes`` / ``other_sources`` ``[M]``
+    (default: the pixels themselves), in which pixel ``i`` itself is ``offset + i``. Two pixels
+    are
 
     - positive when they have the same class, from the same source — or the same foreground
       class from two sources (one label space: a liver is a liver in every dataset that labels it);
@@ -128,15 +143,18 @@ def label_relation(classes: Tensor, sources: Tensor) -> Tensor:
       compatibility between different datasets");
     - negative otherwise (different classes of one source, different foreground classes).
 
-    The diagonal (a pixel with itself) is ignored.
+    A pixel with itself (the diagonal, shifted by ``offset``) is ignored.
     """
-    same_class = classes[:, None] == classes[None, :]
-    same_source = sources[:, None] == sources[None, :]
-    background = (classes == 0)[:, None] | (classes == 0)[None, :]
+    other_classes = classes if other_classes is None else other_classes
+    other_sources = sources if other_sources is None else other_sources
+    same_class = classes[:, None] == other_classes[None, :]
+    same_source = sources[:, None] == other_sources[None, :]
+    background = (classes == 0)[:, None] | (other_classes == 0)[None, :]
     relation = torch.full(same_class.shape, NEGATIVE, dtype=torch.int8, device=classes.device)
     relation[same_class & (same_source | ~background)] = POSITIVE
     relation[~same_source & background] = IGNORED
-    relation.fill_diagonal_(IGNORED)
+    own = torch.arange(classes.shape[0], device=classes.device)
+    relation[own, own + offset] = IGNORED
     return relation
 
 
@@ -152,15 +170,27 @@ def label_consistency_loss(
     over all pairs at once; read per anchor ``i`` as in supervised contrastive learning (Khosla
     et al., the "log of the summed positives" form), averaged over the anchors that have a
     positive. ``τ = 0.1`` (the paper's). 0 when no anchor has a positive.
+
+    Several processes: ``j`` and ``k`` run over the pixels of every rank (gathered, with their
+    gradient), the anchors ``i`` are this rank's pixels, and the mean is taken over the anchors
+    of all ranks (times the number of ranks, so that the ranks' mean — what DDP's averaged
+    gradient follows — is the loss of the global batch).
     """
-    relation = label_relation(classes, sources)
-    logits = F.normalize(features, dim=1) @ F.normalize(features, dim=1).t() / temperature
+    all_features, start = all_gather_rows(features)  # one process: features itself
+    all_classes, _ = all_gather_rows(classes)
+    all_sources, _ = all_gather_rows(sources)
+    relation = label_relation(classes, sources, all_classes, all_sources, start)
+    logits = F.normalize(features, dim=1) @ F.normalize(all_features, dim=1).t() / temperature
     counted = relation >= 0
     positive = relation == POSITIVE
     anchors = positive.any(1)
-    if not anchors.any():
-        return features.sum() * 0.0
+    ranks = world_size()
+    total = int(all_reduce_sum(anchors.sum())) if ranks > 1 else int(anchors.any())
+    if not total:
+        return all_features.sum() * 0.0
     masked = logits.masked_fill(~counted, float("-inf"))
     log_all = torch.logsumexp(masked, dim=1)
     log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
-    return (log_all - log_pos)[anchors].mean()
+    if ranks == 1:
+        return (log_all - log_pos)[anchors].mean()
+    return (log_all - log_pos)[anchors].sum() * (ranks / total)

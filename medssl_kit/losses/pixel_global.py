@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medssl_kit.distributed import all_reduce_mean
+
 DISCREPANCIES = ("kl", "cross_entropy")
 STABILIZER_FORMS = ("excess", "absolute")
 
@@ -170,8 +172,10 @@ def updated_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> T
     """DINO's centre update ``c ← m c + (1 − m) mean(z_t)``, the mean over all but axis 1.
 
     ``teacher_logits`` is ``[N, K]`` (global vectors) or ``[N, K, *S]`` (pixel maps: the mean
-    runs over the batch and every pixel). Returns the new ``[K]`` centre.
+    runs over the batch and every pixel). Returns the new ``[K]`` centre. With several processes
+    the batch mean is averaged over the ranks (their shares are equal), i.e. taken over the
+    global batch, as DINO does across GPUs.
     """
     dims = [d for d in range(teacher_logits.ndim) if d != 1]
-    batch_mean = teacher_logits.detach().mean(dim=dims)
+    batch_mean = all_reduce_mean(teacher_logits.detach().mean(dim=dims))
     return momentum * center + (1.0 - momentum) * batch_mean

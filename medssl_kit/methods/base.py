@@ -48,6 +48,10 @@ class PretrainMethod(nn.Module):
     spatial_dims: ClassVar[tuple[int, ...]]
     dataset_kind: ClassVar[str] = "slices"
     default_backbone: ClassVar[str] = "unet"
+    # Submodules (dotted paths) whose batch norm defines the objective and must normalise over
+    # the global batch when training in several processes (SimSiam's projector and predictor,
+    # ...); the loop converts them (medssl_kit.distributed.convert_sync_batchnorm).
+    sync_batchnorm: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__()

@@ -62,6 +62,13 @@ query encoder, as in the papers).
 
   Logged: ``loss``, ``pos_cos`` (mean query–key cosine) and ``neg_cos`` (mean query–queue cosine).
 
+Across processes (DDP, ``--nproc N``; :mod:`medssl_kit.distributed`): SimSiam's and BYOL's
+projector and predictor batch norms (BYOL's target projector too) normalise over the global batch
+(``SyncBatchNorm`` on CUDA, :class:`~medssl_kit.distributed.GatheredBatchNorm` on the CPU), as the
+papers train them across GPUs; MoCo v2's queue takes the keys of every rank after each step, and
+its in-batch negatives are every rank's (:func:`~medssl_kit.losses.contrastive.info_nce`). The
+shuffled-BN emulation stays within each rank's share; the backbone's batch norm is per rank.
+
 The projector / predictor batch norms need several samples: at the ``smoke`` profile's batch of 2
 they normalise each feature to ±1 and the losses mean little (smoke runs test the plumbing only);
 at the ``cpu`` batch of 8 (checked for 400 steps on the smoke phantom) SimSiam, BYOL and MoCo v2
@@ -100,6 +107,7 @@ from medssl_kit.data.augment import randint, uniform
 from medssl_kit.data.datasets import SliceDataset
 from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.views import ViewSpec, sample_view_pair
+from medssl_kit.distributed import all_gather_rows
 from medssl_kit.errors import MedsslError
 from medssl_kit.losses.contrastive import byol_loss, info_nce, simsiam_loss
 from medssl_kit.losses.restoration import restoration_mse
@@ -217,6 +225,7 @@ class SimSiam(_TwoViewMethod):
 
     name = "simsiam"
     settings = SIMSIAM_SETTINGS
+    sync_batchnorm = ("projector", "predictor")
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
@@ -246,6 +255,7 @@ class BYOL(_TwoViewMethod):
 
     name = "byol"
     settings = BYOL_SETTINGS
+    sync_batchnorm = ("projector", "predictor", "target.projector")
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
@@ -330,7 +340,7 @@ class MoCoV2(_TwoViewMethod):
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """``{"loss", "pos_cos", "neg_cos"}``: InfoNCE of view-1 queries against view-2 keys
-        and the queue. The keys are kept for :meth:`on_step_end` to enqueue."""
+        and the queue. The keys (every rank's) are kept for :meth:`on_step_end` to enqueue."""
         q = F.normalize(self._encode(None, batch["view1"]), dim=1)
         order = batch["key_order"]
         with torch.no_grad():
@@ -340,7 +350,8 @@ class MoCoV2(_TwoViewMethod):
         loss = info_nce(
             q, k, self.queue, float(cfg["temperature"]), bool(cfg["in_batch_negatives"])
         )
-        self._pending_keys = k
+        with torch.no_grad():
+            self._pending_keys = all_gather_rows(k)[0]  # one process: k itself
         qd = q.detach()
         return {
             "loss": loss,

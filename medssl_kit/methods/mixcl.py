@@ -57,10 +57,16 @@ Choices the paper leaves open, and deviations (with reasons)
 - **Optimisation**: AdamW, lr 1e-4 with cosine decay, weight decay 1e-5 (§3.1).
 - **Transfer**: the encoder only (the paper initialises the UNETR encoder), so the fine-tuned
   decoder starts as scratch's does.
+- **Several processes** (the paper trains on six GPUs, one patch each): the label-consistency
+  loss contrasts each rank's sampled pixels with those of every rank (gathered with their
+  gradient; sources compared by ``source_key``, fixed by the source name); the identity term
+  (Barlow Twins over a rank's pixels), the projectors' batch norm and the reconstruction use the
+  rank's own share. The logged ``label_pixels`` is then the mean count per rank.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -150,6 +156,12 @@ def _intensity_transform(prob: float) -> Compose:
             RandGaussianNoise(mean=0.0, std=0.03, prob=prob),
         ]
     )
+
+
+def source_key(name: str) -> int:
+    """A non-negative int64 fixed by a source name (SHA-256): the same in every process, so the
+    label relation of pixels gathered from several ranks compares sources correctly."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
 
 
 class MixCL(PretrainMethod):
@@ -257,13 +269,15 @@ class MixCL(PretrainMethod):
 
         Returns ``v1``, ``v1p``, ``v2`` (views ``[B, C, *P]``), ``p1``, ``p2`` (the un-distorted
         patches), ``s1``, ``s2`` (labels ``[B, *P]``), ``source`` (``[B]``, an index per source
-        name of the batch), and per patch ``pix1`` / ``pix2`` (``[N, 1 + dims]``: sample index
-        and voxel position of each drawn pixel) with ``cls1`` / ``cls2`` (their classes).
+        name of the batch), ``source_key`` (``[B]``, a number fixed by the source name, the same
+        in every process: what the label loss compares), and per patch ``pix1`` / ``pix2``
+        (``[N, 1 + dims]``: sample index and voxel position of each drawn pixel) with ``cls1`` /
+        ``cls2`` (their classes).
         """
         names = sorted({str(item["volume"].source) for item in items})
         out: dict[str, list[Tensor]] = {k: [] for k in ("v1", "v1p", "v2", "p1", "p2", "s1", "s2")}
         pixels: dict[str, list[Tensor]] = {k: [] for k in ("pix1", "pix2", "cls1", "cls2")}
-        sources = []
+        sources, keys = [], []
         for b, item in enumerate(items):
             volume, partners = item["volume"], item["partners"]
             other = volume
@@ -289,8 +303,10 @@ class MixCL(PretrainMethod):
             out["v1p"].append(self._view(out["p1"][-1], randint(generator, 0, 2**31 - 1)))
             out["v2"].append(self._view(out["p2"][-1], randint(generator, 0, 2**31 - 1)))
             sources.append(names.index(str(volume.source)))
+            keys.append(source_key(str(volume.source)))
         batch = {k: torch.stack(v) for k, v in out.items()}
         batch["source"] = torch.tensor(sources, dtype=torch.long)
+        batch["source_key"] = torch.tensor(keys, dtype=torch.long)
         if self.cfg["label"]:
             batch.update({k: torch.cat(v) for k, v in pixels.items()})
         return batch
@@ -332,7 +348,7 @@ class MixCL(PretrainMethod):
                     self._pixel_features(layer[2 * n :], batch["pix2"]),
                 ]
             )
-            source = batch["source"]
+            source = batch.get("source_key", batch["source"])
             terms["label"] = label_consistency_loss(
                 features,
                 torch.cat([batch["cls1"], batch["cls2"]]),

@@ -127,6 +127,13 @@ Choices the paper leaves open (or gets wrong), and why
   The uncertainty weighting makes this method the dearest per step (×3 with the 20 passes), so
   at ``cpu`` it trains 400 steps on 64² views (:data:`CPU_BUDGET`) to stay within the profile's
   10-minute pre-training budget; the other methods run the profile's 1000 steps on 96² views.
+- **Several processes** (DDP, ``--nproc N``; :mod:`medssl_kit.distributed`): as DINO across
+  GPUs, the centres are updated with the teacher logits' mean over all ranks
+  (:func:`~medssl_kit.losses.pixel_global.updated_center`) and the global heads' batch norm
+  (student and teacher) normalises over the global batch (``SyncBatchNorm`` on CUDA,
+  :class:`~medssl_kit.distributed.GatheredBatchNorm` on the CPU). The backbone's and the pixel
+  head's batch norm, the MC-dropout passes and the context stabilizer (``x̃`` is the next image
+  of the rank's share, so each rank needs a share of at least 2) stay per rank.
 """
 
 from __future__ import annotations
@@ -265,6 +272,7 @@ class PixelGlobal(PretrainMethod):
     spatial_dims = (2,)
     dataset_kind = "slices"
     default_backbone = "unet"
+    sync_batchnorm = ("global_head", "teacher.global_head")
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any] | None = None):
         super().__init__(backbone, cfg)
