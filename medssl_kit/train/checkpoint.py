@@ -30,13 +30,17 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` onto the CPU; clear error if unusable."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; clear error if unusable.
+
+    Tensors land on ``map_location`` (default the CPU, whatever device wrote them), so a run
+    moves between machines (GPU to CPU and back): the loops copy them to their device.
+    """
     path = Path(path)
     if not path.is_file():
         raise MedsslError(f"checkpoint '{path}' does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise MedsslError(
             f"checkpoint '{path}' cannot be loaded safely ({type(exc).__name__}: "

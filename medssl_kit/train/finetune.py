@@ -23,6 +23,16 @@ in (0, 1], or ``"all"``); the chosen cases are the first ``n`` of a permutation 
 rows use the nnU-Net convention for a lesion absent from both ground truth and prediction (NaN,
 left out of means), because "no lesion, none predicted" would otherwise count as Dice 1 and
 inflate the lesion figure; organs are present in every case.
+
+Several processes (``medssl finetune --nproc N``, torchrun; :mod:`medssl_kit.train.distributed`):
+``batch_size`` stays the global batch, each step's indices are drawn as with one process and
+rank ``r`` trains on its share (augmented from a generator seeded by (seed, step, ``r``)) in
+``DistributedDataParallel``; rank 0 alone validates, and every rank takes its score, so the
+early-stopping decision is the same everywhere; rank 0 writes the run folder and evaluates the
+test volumes. ``mode="knn"`` trains nothing and runs in one process. On CUDA a run trains with
+mixed precision (``amp``), ``channels_last`` 2D convolutions and batches built in ``workers``
+processes; on the CPU, by default, with none of these (validation and test inference always run
+in float32).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +83,22 @@ from medssl_kit.train.checkpoint import (
     save_checkpoint,
     truncate_jsonl,
     write_json,
+)
+from medssl_kit.train.distributed import (
+    Session,
+    channels_last,
+    check_processes,
+    data_parallel,
+    default_workers,
+    mean_terms,
+    on_rank_zero,
+    precision,
+    rank_share,
+    restore_rng,
+    rng_entries,
+    seed_rank,
+    session,
+    step_batches,
 )
 from medssl_kit.train.transfer import (
     KeyReport,
@@ -133,6 +159,10 @@ class FinetuneConfig:
     # pre-training pool's labels (a supervised start, the upper bound for what SSL on that pool
     # could transfer: `--init` a run made this way).
     train_split: str = "train"
+    device: str = "auto"  # auto (CUDA where available) | cpu | cuda
+    amp: bool | None = None  # mixed precision in training; None: on CUDA, off on the CPU
+    workers: int | None = None  # batch-building processes; None: 0 on the CPU, up to 4 on CUDA
+    channels_last: bool | None = None  # NHWC 2D convolutions; None: on CUDA for 2D
 
     def resolved(self) -> FinetuneConfig:
         """A copy with every ``None`` budget filled in from the profile."""
@@ -226,11 +256,36 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune from ``init`` (``"scratch"`` or a run folder) and evaluate on the test split."""
+    """Fine-tune from ``init`` (``"scratch"`` or a run folder) and evaluate on the test split.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same arguments; rank 0
+    returns the run's summary and test rows, the other ranks empty ones when training ends."""
     cfg = cfg.resolved()
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     out_dir = Path(out_dir)
-    resuming = prepare_run_folder(out_dir, resume)
+    with session(cfg.device) as run:
+        return _finetune(init, manifest, cfg, out_dir, run, resume, progress)
+
+
+def _finetune(
+    init: str | Path,
+    manifest: Manifest,
+    cfg: FinetuneConfig,
+    out_dir: Path,
+    run: Session,
+    resume: bool,
+    progress: bool,
+) -> FinetuneResult:
+    if run.world_size > 1 and cfg.mode == "knn":
+        raise MedsslError("knn mode trains nothing: run it in one process (without --nproc)")
+    check_processes(cfg.batch_size, run.world_size)
+    cfg = replace(
+        cfg,
+        amp=cfg.amp if cfg.amp is not None else run.device.type == "cuda",
+        workers=cfg.workers if cfg.workers is not None else default_workers(run.device, 1),
+        channels_last=channels_last(run.device, cfg.dims, cfg.channels_last),
+    )
+    resuming = on_rank_zero(lambda: prepare_run_folder(out_dir, resume))
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
@@ -245,22 +300,29 @@ def finetune(
     task = _Task.make(cfg, manifest, model)
     if isinstance(model, _KnnSegmenter):
         model.fit(SliceDataset(train_vols, context=cfg.context, with_label=True), manifest)
-    write_json(
-        out_dir / "config.json",
-        {
-            "kind": "finetune",
-            "method": method,
-            "init": str(init),
-            "manifest": manifest.display_path,
-            "labeled_cases": labeled_ids,
-            "config": asdict(cfg),
-            "backbone": model_backbone(model).config,
-            "key_report": asdict(key_report) if key_report else None,
-            "version": __version__,
-        },
-    )
+    if run.main:
+        write_json(
+            out_dir / "config.json",
+            {
+                "kind": "finetune",
+                "method": method,
+                "init": str(init),
+                "manifest": manifest.display_path,
+                "labeled_cases": labeled_ids,
+                "config": asdict(cfg),
+                "backbone": model_backbone(model).config,
+                "key_report": asdict(key_report) if key_report else None,
+                "version": __version__,
+                "device": str(run.device if cfg.steps else "cpu"),
+                "processes": run.world_size,
+            },
+        )
     val_vols = val_vols or train_vols
-    state = _train(model, task, train_vols, val_vols, key_report, cfg, out_dir, resuming, progress)
+    state = _train(
+        model, task, train_vols, val_vols, key_report, cfg, out_dir, resuming, progress, run
+    )
+    if not run.main:
+        return FinetuneResult(out_dir, {}, [], key_report)
 
     save_transferable(out_dir / "transferable.pt", model_backbone(model), method=method)
     rows, summary = task.evaluate(model, test_vols, out_dir)
@@ -299,53 +361,82 @@ def _train(
     out_dir: Path,
     resuming: bool,
     progress: bool,
+    run: Session,
 ) -> dict:
     """Train ``model`` for ``cfg.steps`` (none in knn mode), validating on ``val_vols`` every
     ``cfg.val_every`` steps; leaves the best validated weights in ``model`` and returns the loop's
-    state (``step``, ``best_score``, ``best_step``, ``bad_checks``, ``stopped``)."""
+    state (``step``, ``best_score``, ``best_step``, ``bad_checks``, ``stopped``). Several
+    processes: rank 0 validates and logs, every rank updates the state with its score."""
     metrics_path = out_dir / "metrics.jsonl"
     state = {"step": 0, "best_score": -math.inf, "best_step": 0, "bad_checks": 0, "stopped": False}
     if not cfg.steps:
-        metrics_path.write_text("")
+        if run.main:
+            metrics_path.write_text("")
         return state
+    device, mixed = run.device, precision(run.device, cfg.amp)
+    memory_format = torch.channels_last if cfg.channels_last else None
+    model.to(device)
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
     batches = task.batch_source(train_vols)
     optimizer = torch.optim.Adam(
         _param_groups(model, key_report, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     scheduler = _lr_schedule(optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed.scaler)
     best_state = copy.deepcopy(model.state_dict())
     if resuming:
         ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         best_state = ckpt["best_model"]
         state = ckpt["state"]
-        torch.set_rng_state(ckpt["rng"])
-        truncate_jsonl(metrics_path, state["step"])
+        restore_rng(ckpt, device, out_dir / CHECKPOINT_NAME)
+        if run.main:
+            truncate_jsonl(metrics_path, state["step"])
     else:
-        metrics_path.write_text("")
+        if run.world_size > 1:
+            seed_rank(cfg.seed)  # each rank its own dropout masks
+        if run.main:
+            metrics_path.write_text("")
+    ddp = data_parallel(model, device, find_unused_parameters=cfg.mode == "classify")
 
-    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="fine-tune")
+    shown = progress and run.main
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not shown, desc="fine-tune")
+    drawn = step_batches(
+        batches, range(state["step"], cfg.steps), cfg.workers, pin_memory=device.type == "cuda"
+    )
     while state["step"] < cfg.steps and not state["stopped"]:
         step = state["step"]
         model.train()
         task.set_train_modes(model)
-        inputs, target, labelled = batches(step)
-        loss = task.loss(model(inputs), target, labelled)
+        inputs, target, labelled = (
+            None if x is None else x.to(device, non_blocking=x.is_pinned()) for x in next(drawn)
+        )
+        if memory_format is not None:
+            inputs = inputs.contiguous(memory_format=memory_format)
+        with mixed.autocast(device):
+            loss = task.loss(ddp(inputs), target, labelled)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         state["step"] = step + 1
         bar.update(1)
-        append_jsonl(
-            metrics_path,
-            {"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0]},
-        )
+        logged = mean_terms({"loss": loss})["loss"]
+        if run.main:
+            append_jsonl(
+                metrics_path,
+                {"step": state["step"], "loss": logged, "lr": scheduler.get_last_lr()[0]},
+            )
         if state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps:
-            score = task.validate(model, val_vols)
-            append_jsonl(metrics_path, {"step": state["step"], "val_score": score})
+            score = on_rank_zero(lambda: task.validate(model, val_vols))
+            if run.main:
+                append_jsonl(metrics_path, {"step": state["step"], "val_score": score})
             bar.set_postfix(val=f"{score:.3f}")
             if score > state["best_score"]:
                 state.update(best_score=score, best_step=state["step"], bad_checks=0)
@@ -355,17 +446,20 @@ def _train(
                 state["stopped"] = state["bad_checks"] >= cfg.patience
         last = state["stopped"] or state["step"] == cfg.steps
         if state["step"] % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(
-                out_dir / CHECKPOINT_NAME,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "best_model": best_state,
-                    "state": state,
-                    "rng": torch.get_rng_state(),
-                },
-            )
+            rng = rng_entries(device)  # every rank's, gathered
+            if run.main:
+                save_checkpoint(
+                    out_dir / CHECKPOINT_NAME,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "best_model": best_state,
+                        "state": state,
+                        **rng,
+                        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+                    },
+                )
     bar.close()
 
     model.load_state_dict(best_state)
@@ -587,6 +681,8 @@ class _SegmentTask(_Task):
         def batch(step: int) -> tuple[Tensor, Tensor, Tensor]:
             g = self.generator(step)
             idx = torch.randint(len(data), (cfg.batch_size,), generator=g).tolist()
+            idx, own = rank_share(idx, step, cfg.seed)  # one process: idx, None
+            g = g if own is None else own
             images, labels, labelled = [], [], []
             for i in idx:
                 item = data[i]
@@ -700,6 +796,7 @@ class _ClassifyTask(_Task):
                     neg[torch.randint(len(neg), (self.cfg.batch_size - half,), generator=g)],
                 ]
             ).tolist()
+            idx, _ = rank_share(idx, step, self.cfg.seed)  # one process: idx
             images = torch.stack([data[i]["image"] for i in idx])
             target = present[idx].long()
             return images, target, None
@@ -712,10 +809,13 @@ class _ClassifyTask(_Task):
     def _scores(self, model: nn.Module, vols: list[CaseVolume]):
         data, present = self._slices(vols)
         model.eval()
+        device = next(model.parameters()).device
         with torch.no_grad():
             scores = torch.cat(
                 [
-                    torch.softmax(model(torch.stack([data[i]["image"] for i in chunk])), 1)[:, 1]
+                    torch.softmax(
+                        model(torch.stack([data[i]["image"] for i in chunk]).to(device)), 1
+                    )[:, 1].cpu()
                     for chunk in torch.arange(len(data)).split(32)
                 ]
             )

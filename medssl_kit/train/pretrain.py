@@ -8,6 +8,18 @@ other) schedule, calls the method's ``on_step_end`` (EMA teachers), logs every t
 At the end it writes ``transferable.pt`` (what ``medssl finetune --init RUN_DIR`` loads),
 ``config.json`` and ``summary.json`` (steps, wall time, seconds per step).
 
+The same loop runs in several processes under ``torchrun`` / ``medssl pretrain --nproc N``
+(:mod:`medssl_kit.train.distributed`): ``batch_size`` stays the global batch; the step's item
+indices are drawn exactly as with one process and rank ``r`` takes its share
+(:func:`draw_batch`), its views coming from a generator seeded by (seed, step, ``r``);
+``DistributedDataParallel`` averages the gradients; the methods synchronise what their papers
+synchronise across GPUs (:mod:`medssl_kit.distributed`); rank 0 alone logs (the mean of every
+term over the ranks), checkpoints (with every rank's RNG state) and writes the run folder. With
+one process nothing of this happens and a run is what it always was. On CUDA the loop uses
+mixed precision (``amp``; bfloat16, or float16 with a gradient scaler), ``channels_last`` for 2D
+networks and builds the batches in ``workers`` processes (:func:`~medssl_kit.train.distributed.
+step_batches`); on the CPU, by default, none of these.
+
 ``run_pretraining(cfg, manifest, out_dir)`` builds the backbone, the method and its dataset from a
 manifest's unlabelled pool and calls ``pretrain``; the CLI and notebooks use it.
 
@@ -20,7 +32,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +46,7 @@ from medssl_kit.config import architecture_kwargs, get_profile
 from medssl_kit.data.datasets import PatchDataset, SliceDataset, SliceSequenceDataset, load_volumes
 from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.manifest import Manifest, load_manifest
+from medssl_kit.distributed import convert_sync_batchnorm, env_local_rank, env_world_size
 from medssl_kit.errors import MedsslError
 from medssl_kit.methods.base import PretrainMethod
 from medssl_kit.methods.ema import ema_base
@@ -47,6 +61,24 @@ from medssl_kit.train.checkpoint import (
     save_checkpoint,
     truncate_jsonl,
     write_json,
+)
+from medssl_kit.train.distributed import (
+    Session,
+    channels_last,
+    check_processes,
+    data_parallel,
+    default_workers,
+    mean_terms,
+    on_rank_zero,
+    precision,
+    rank_share,
+    restore_rng,
+    rng_entries,
+    seed_rank,
+    select_device,
+    session,
+    step_batches,
+    to_device,
 )
 from medssl_kit.train.optim import build_optimizer, build_scheduler
 from medssl_kit.train.transfer import save_transferable
@@ -89,8 +121,10 @@ class PretrainConfig:
     # labelled cases; the train split's labels are the budgeted fine-tuning labels)
     splits: tuple[str, ...] | None = None
     method_cfg: dict[str, Any] = field(default_factory=dict)
-    device: str = "auto"
-    amp: bool = False
+    device: str = "auto"  # auto (CUDA where available) | cpu | cuda
+    amp: bool | None = None  # mixed precision; None: on CUDA, off on the CPU
+    workers: int | None = None  # batch-building processes; None: 0 on the CPU, up to 4 on CUDA
+    channels_last: bool | None = None  # NHWC 2D convolutions; None: on CUDA for 2D
 
     def resolved(self) -> PretrainConfig:
         """A copy with every ``None`` filled in (profile < method defaults < explicit values)."""
@@ -146,14 +180,29 @@ class RunResult:
     history: list[dict[str, Any]]
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def draw_batch(
+    method: PretrainMethod,
+    dataset: Any,
+    cfg: PretrainConfig,
+    step: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> dict[str, Any]:
+    """The batch rank ``rank`` of ``world_size`` trains on at ``step`` (CPU tensors), as
+    ``method.make_batch`` builds it from dataset items (defaults: this process's rank and the
+    number of processes; one process: the whole batch).
 
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    The item indices of the global batch (``cfg.batch_size``) are drawn from a generator seeded
+    by (``cfg.seed``, ``step``); with one process the views are drawn from the same generator,
+    with several, rank ``r`` takes its share of the indices and draws its views from a generator
+    seeded by (seed, step, ``r``) (:func:`~medssl_kit.train.distributed.rank_share`). Nothing
+    depends on earlier steps, so a resumed run draws what an uninterrupted one would."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(step)
+    index = torch.randint(len(dataset), (cfg.batch_size,), generator=generator).tolist()
+    index, own = rank_share(index, step, cfg.seed, rank, world_size)
+    return method.make_batch([dataset[i] for i in index], generator if own is None else own)
 
 
 def pretrain(
@@ -165,20 +214,54 @@ def pretrain(
     resume: bool = False,
     progress: bool = True,
 ) -> RunResult:
-    """Run ``method`` on ``dataset`` (indexable) for ``cfg.steps`` steps; write the run folder."""
+    """Run ``method`` on ``dataset`` (indexable) for ``cfg.steps`` steps; write the run folder.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same arguments; rank 0
+    writes the run folder and returns the run's summary and history, the other ranks an empty
+    summary and history once rank 0 is done."""
     cfg = cfg if cfg.steps is not None else cfg.resolved()
     out_dir = Path(out_dir)
     if len(dataset) == 0:
         raise MedsslError(f"nothing to pre-train on: the dataset for splits {cfg.splits} is empty")
-    resuming = prepare_run_folder(out_dir, resume)
-    device = _device(cfg.device)
+    with session(cfg.device) as run:
+        return _pretrain(method, dataset, cfg, out_dir, run, resume, progress)
+
+
+def _pretrain(
+    method: PretrainMethod,
+    dataset: Any,
+    cfg: PretrainConfig,
+    out_dir: Path,
+    run: Session,
+    resume: bool,
+    progress: bool,
+) -> RunResult:
+    device = run.device
+    check_processes(cfg.batch_size, run.world_size)
+    resuming = on_rank_zero(lambda: prepare_run_folder(out_dir, resume))
+    nhwc = channels_last(device, method.backbone.spatial_dims, cfg.channels_last)
+    cfg = replace(
+        cfg,
+        amp=cfg.amp if cfg.amp is not None else device.type == "cuda",
+        workers=cfg.workers if cfg.workers is not None else default_workers(device, 1),
+        channels_last=nhwc,
+    )
+    mixed = precision(device, cfg.amp)
     method.to(device)
-    torch.manual_seed(cfg.seed)
+    if run.world_size > 1:
+        for path in method.sync_batchnorm:
+            owner_path, _, name = path.rpartition(".")
+            owner = method.get_submodule(owner_path) if owner_path else method
+            setattr(owner, name, convert_sync_batchnorm(getattr(owner, name), device))
+    memory_format = torch.channels_last if nhwc else None
+    if memory_format is not None:
+        method.to(memory_format=memory_format)
+    seed_rank(cfg.seed)
     optimizer = build_optimizer(
         cfg.optimizer, method.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum
     )
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.steps, cfg.warmup_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed.scaler)
     step = 0
     metrics_path = out_dir / "metrics.jsonl"
     if resuming:
@@ -186,36 +269,49 @@ def pretrain(
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt, device, out_dir / CHECKPOINT_NAME)
         step = ckpt["step"]
-        truncate_jsonl(metrics_path, step)
-    else:
+        if run.main:
+            truncate_jsonl(metrics_path, step)
+    elif run.main:
         metrics_path.write_text("")
-    write_json(
-        out_dir / "config.json",
-        {
-            "kind": "pretrain",
-            "method": method.name,
-            "config": asdict(cfg),
-            "backbone": method.backbone.config,
-            "version": __version__,
-        },
-    )
+    if run.main:
+        write_json(
+            out_dir / "config.json",
+            {
+                "kind": "pretrain",
+                "method": method.name,
+                "config": asdict(cfg),
+                "backbone": method.backbone.config,
+                "version": __version__,
+                "device": str(device),
+                "processes": run.world_size,
+            },
+        )
+    model = data_parallel(method, device)
 
     started = time.perf_counter()
     first_step = step
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"pretrain {method.name}")
-    while step < cfg.steps:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(step)
-        index = torch.randint(len(dataset), (cfg.batch_size,), generator=generator).tolist()
-        batch = _to(method.make_batch([dataset[i] for i in index], generator), device)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not (progress and run.main),
+        desc=f"pretrain {method.name}",
+    )
+    batches = step_batches(
+        partial(draw_batch, method, dataset, cfg),
+        range(step, cfg.steps),
+        cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
+    for batch in batches:
+        batch = to_device(batch, device, memory_format)
         method.train()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, enabled=scaler.is_enabled()):
-            terms = method(batch, step)
+        with mixed.autocast(device):
+            terms = model(batch, step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["loss"]).backward()
         if cfg.grad_clip:
@@ -226,25 +322,31 @@ def pretrain(
         scheduler.step()
         step += 1
         method.on_step_end(step, cfg.steps)
-        record = {k: float(v.detach()) for k, v in terms.items()}
+        record: dict[str, Any] = mean_terms(terms)
         record.update(step=step, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
-        append_jsonl(metrics_path, record)
+        if run.main:
+            append_jsonl(metrics_path, record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(
-                out_dir / CHECKPOINT_NAME,
-                {
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "step": step,
-                },
-            )
+            rng = rng_entries(device)  # every rank's, gathered
+            if run.main:
+                save_checkpoint(
+                    out_dir / CHECKPOINT_NAME,
+                    {
+                        "method": method.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        **rng,
+                        "step": step,
+                    },
+                )
     bar.close()
     elapsed = time.perf_counter() - started
+    if not run.main:
+        on_rank_zero(lambda: None)  # wait until rank 0 has written the run folder
+        return RunResult(out_dir, {}, [])
 
     save_transferable(
         out_dir / "transferable.pt",
@@ -264,8 +366,11 @@ def pretrain(
         "wall_time_s": elapsed,
         "median_seconds_per_step": step_times[len(step_times) // 2] if step_times else None,
         "final_loss": history[-1]["loss"] if history else None,
+        "processes": run.world_size,
+        "device": str(device),
     }
     write_json(out_dir / "summary.json", summary)
+    on_rank_zero(lambda: None)
     return RunResult(out_dir, summary, history)
 
 
@@ -346,6 +451,7 @@ def run_pretraining(
 ) -> RunResult:
     """Build backbone, method and dataset from ``cfg`` and ``manifest``; run :func:`pretrain`."""
     cfg = cfg.resolved()
+    select_device(cfg.device, env_local_rank() if env_world_size() > 1 else 0)  # fail early
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     method_cls = get_method(cfg.method)
     torch.manual_seed(cfg.seed)
