@@ -18,6 +18,7 @@ a new one in ``_SUBCOMMANDS``. Heavy imports (torch, MONAI) happen inside the ha
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -286,6 +287,20 @@ def _add_run_arguments(p: argparse.ArgumentParser, set_help: str) -> None:
     p.add_argument("--steps", type=_positive_int, metavar="N", help="override the profile")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train: auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda",
+    )
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (DDP through torchrun's launcher; gloo on "
+        "CPU, one GPU each on CUDA); the batch size stays the global batch (default 1)",
+    )
+    p.add_argument(
         "--set",
         type=_set_arg,
         action="append",
@@ -312,10 +327,45 @@ def _add_pretrain(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_pretrain)
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``, or an abbreviation argparse took)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name, eq, _ = token.partition("=")
+        if len(name) > 2 and "--nproc".startswith(name):
+            skip = not eq
+            continue
+        out.append(token)
+    return out
+
+
+def _launched(args: argparse.Namespace, batch_size: Callable[[], int]) -> bool:
+    """With ``--nproc N`` > 1, run this command without ``--nproc`` in N worker processes
+    (:func:`medssl_kit.train.distributed.launch`) and return True once they have finished; rank
+    0 prints the result. False with one process."""
+    if args.nproc == 1:
+        return False
+    from medssl_kit.train.distributed import check_processes, launch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise UsageError(
+            "--nproc starts its own worker processes; under torchrun leave it out (torchrun's "
+            "--nproc_per_node sets them)"
+        )
+    check_processes(batch_size(), args.nproc)
+    launch(args.nproc, _without_nproc(args.argv))
+    return True
+
+
 def _run_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from medssl_kit.distributed import env_rank
     from medssl_kit.methods.registry import get_method
+    from medssl_kit.train.distributed import reported_to_launcher
     from medssl_kit.train.pretrain import PretrainConfig, run_pretraining
 
     get_method(args.method)  # fail on an unknown name before anything is read
@@ -326,11 +376,17 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         dims=args.dims,
         backbone=args.backbone,
         steps=args.steps,
+        device=args.device,
     )
     loop = {f.name for f in fields(PretrainConfig)}
     _apply_overrides(cfg, [(k, v) for k, v in args.set if k in loop])
     cfg.method_cfg.update({k: v for k, v in args.set if k not in loop})
-    result = run_pretraining(cfg, args.manifest, args.out, resume=args.resume)
+    if _launched(args, lambda: cfg.resolved().batch_size):
+        return EXIT_OK
+    with reported_to_launcher():
+        result = run_pretraining(cfg, args.manifest, args.out, resume=args.resume)
+    if env_rank() != 0:  # several processes: rank 0 reports
+        return EXIT_OK
     s = result.summary
     print(
         f"{s['method']}: {s['steps']} steps, final loss {s['final_loss']:.4g}, "
@@ -399,6 +455,8 @@ def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
+    from medssl_kit.distributed import env_rank
+    from medssl_kit.train.distributed import reported_to_launcher
     from medssl_kit.train.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(
@@ -409,9 +467,15 @@ def _run_finetune(args: argparse.Namespace) -> int:
         backbone=args.backbone or "unet",
         dims=args.dims or 2,
         steps=args.steps,
+        device=args.device,
     )
     _apply_overrides(cfg, args.set)
-    result = finetune(args.init, args.manifest, cfg, args.out, resume=args.resume)
+    if _launched(args, lambda: cfg.resolved().batch_size):
+        return EXIT_OK
+    with reported_to_launcher():
+        result = finetune(args.init, args.manifest, cfg, args.out, resume=args.resume)
+    if env_rank() != 0:  # several processes: rank 0 reports
+        return EXIT_OK
     if result.key_report is not None:
         print(f"init {args.init}: {result.key_report.summary().splitlines()[0]}")
     shown = {k: v for k, v in result.summary.items() if k != "labeled_cases"}
@@ -720,6 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc re-runs the command
     except SystemExit as exit_:  # argparse exits on --help / --version (0) and usage errors (2)
         if exit_.code is None:
             return EXIT_OK
