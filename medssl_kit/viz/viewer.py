@@ -9,8 +9,16 @@ Conventions
 * Volumes are ``(D, H, W) = (z, y, x)`` numpy arrays or torch tensors; a leading channel axis of
   size 1 is dropped. Overlays must have the image's shape.
 * Planes: ``axial`` indexes axis 0 (rows y, columns x), ``coronal`` axis 1 (rows z, columns x),
-  ``sagittal`` axis 2 (rows z, columns y). Coronal and sagittal slices are flipped vertically so
-  that the highest z (superior, in RAS orientation) is at the top.
+  ``sagittal`` axis 2 (rows z, columns y).
+* Display orientation — one convention for every slice the package draws (viewer, uncertainty and
+  CAM overlays, notebook figures, the README figure): the radiological one, for volumes in RAS
+  order as :mod:`medssl_kit.data.io` loads them (x grows towards the patient's right, y towards
+  anterior, z towards superior). Both in-plane axes are reversed (:func:`display_orientation`):
+  an axial slice shows anterior at the top and the patient's right on the image's left (the
+  vertebra at the bottom, the liver on the left); a coronal slice superior at the top and the
+  patient's right on the left; a sagittal slice superior at the top and anterior on the left.
+  Figures drawn with ``imshow`` use :func:`render_slice`, or :func:`display_orientation` /
+  :func:`display_axial` for a bare slice or patch.
 * Aspect: with ``spacing = (z, y, x)`` in mm, the slice's rows and columns are repeated by
   nearest-neighbour resampling so that every output pixel is square, at the resolution of the
   slice's finer axis (a 48-slice volume with 2.5 mm slices and 0.8 mm pixels renders coronal
@@ -29,6 +37,7 @@ from __future__ import annotations
 import colorsys
 import html
 import io
+import math
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -62,6 +71,9 @@ DEFAULT_COLORS: dict[int, str] = {
     7: "#ff3fd2",  # liver_lesion: magenta
 }
 
+CONTROL_LABEL_WIDTH = "110px"  # the controls' descriptions; fits "uncertainty α"
+CONTROL_MAX_WIDTH = "520px"  # sliders fill the panel up to this width (narrower side by side)
+
 Colors = Mapping[int, Any]  # class id -> any matplotlib colour spec ("red", "#ff0000", (1, 0, 0))
 
 
@@ -86,6 +98,38 @@ def default_window(image: Any) -> tuple[float, float]:
     if hi <= lo:  # (nearly) constant volume: fall back to the full range
         lo, hi = float(vol.min()), float(vol.max())
     return lo, hi
+
+
+def display_orientation(slice_: Any) -> np.ndarray:
+    """A slice in array order ``(..., rows, cols)`` turned to the display convention (module
+    docstring): both in-plane axes reversed, so an axial slice of a RAS volume shows anterior at
+    the top and the patient's right on the left. Use it for every slice drawn outside
+    :func:`render_slice` (``plt.imshow(display_orientation(volume[z]))``); torch tensors accepted.
+    """
+    if hasattr(slice_, "detach"):  # torch tensor, without importing torch here
+        slice_ = slice_.detach().cpu().numpy()
+    array = np.asarray(slice_)
+    if array.ndim < 2:
+        raise ValueError(f"a slice needs two in-plane axes, got shape {array.shape}")
+    return array[..., ::-1, ::-1]
+
+
+def display_axial(image: Any, index: int | None = None) -> np.ndarray:
+    """An axial slice of ``image``'s first channel in the display orientation, for ``imshow``.
+
+    ``image`` is ``[C, H, W]`` (a 2D slice, view or patch) or ``[C, D, H, W]`` (a 3D patch;
+    ``index`` picks the axial slice, default the middle one); numpy or torch.
+    """
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim == 4:
+        array = array[:, array.shape[1] // 2 if index is None else index]
+    elif array.ndim != 3 or index is not None:
+        raise ValueError(
+            f"image must be [C, H, W] (no index) or [C, D, H, W], got shape {array.shape}"
+        )
+    return display_orientation(array[0])
 
 
 def render_slice(
@@ -153,11 +197,13 @@ class SliceViewer:
     ``labels`` maps class ids (ints or strings, as in a manifest) to names for the legend;
     ``colors`` and ``prediction_style`` are passed to :func:`render_slice`.
 
-    Controls: ``slider`` (slice index), ``plane`` (axial / coronal / sagittal toggle), ``window``
-    (a range slider: the grey window in image units), ``opacity[name]`` (one slider per overlay
-    given) and ``legend`` (the classes present in label and prediction). The rendered slice is the
-    PNG in ``image_widget``; ``widget`` is the whole panel. Displaying the viewer in a notebook
-    displays ``widget``; :meth:`show` sets the state programmatically and returns the RGB array.
+    Controls: ``slider`` (slice index), ``plane`` (axial / coronal / sagittal toggle; switching
+    plane re-centres the slider on the new plane's middle slice), ``window`` (a range slider: the
+    grey window in image units, read out in ``window_readout``), ``opacity[name]`` (one slider per
+    overlay given) and ``legend`` (the classes present in label and prediction). The rendered
+    slice is the PNG in ``image_widget``; ``widget`` is the whole panel. Displaying the viewer in
+    a notebook displays ``widget``; :meth:`show` sets the state programmatically and returns the
+    RGB array.
     """
 
     def __init__(
@@ -186,17 +232,37 @@ class SliceViewer:
         vmin, vmax = min(float(self._vol.min()), lo), max(float(self._vol.max()), hi)
         vmax = vmax if vmax > vmin else vmin + 1.0
         self.image_widget = widgets.Image(format="png", width="512")
-        self.plane = widgets.ToggleButtons(options=list(PLANES), value="axial", description="plane")
-        self.slider = widgets.IntSlider(
-            min=0, max=self._vol.shape[0] - 1, value=self._vol.shape[0] // 2, description="slice"
+        # Room for the longest description ("uncertainty α") so that no label is cut short.
+        style = {"description_width": CONTROL_LABEL_WIDTH}
+        layout = widgets.Layout(width="100%", max_width=CONTROL_MAX_WIDTH)
+        self.plane = widgets.ToggleButtons(
+            options=list(PLANES),
+            value="axial",
+            description="plane",
+            style={**style, "button_width": "90px"},
+            layout=widgets.Layout(display="flex", align_items="center"),  # label beside buttons
         )
+        self.slider = widgets.IntSlider(
+            min=0,
+            max=self._vol.shape[0] - 1,
+            value=self._vol.shape[0] // 2,
+            description="slice",
+            style=style,
+            layout=layout,
+        )
+        step = (vmax - vmin) / 1000
         self.window = widgets.FloatRangeSlider(
             min=vmin,
             max=vmax,
             value=(lo, hi),
-            step=(vmax - vmin) / 1000,
-            readout_format=".4g",
+            step=step,
+            readout=False,  # the slider's own readout box is too narrow for "lo – hi"
             description="window",
+            style=style,
+            layout=widgets.Layout(flex="1 1 auto", width="auto"),
+        )
+        self.window_readout = widgets.Label(
+            window_text(lo, hi, step), layout=widgets.Layout(flex="0 0 auto")
         )
         self.opacity = {
             name: widgets.FloatSlider(
@@ -205,6 +271,8 @@ class SliceViewer:
                 max=1.0,
                 step=0.05,
                 description=f"{name} α",
+                style=style,
+                layout=layout,
             )
             for name in self._layers
         }
@@ -216,7 +284,10 @@ class SliceViewer:
                 self.image_widget,
                 self.plane,
                 self.slider,
-                self.window,
+                widgets.HBox(
+                    [self.window, self.window_readout],
+                    layout=widgets.Layout(width="100%", max_width=CONTROL_MAX_WIDTH),
+                ),
                 *self.opacity.values(),
                 self.legend,
             ]
@@ -254,10 +325,12 @@ class SliceViewer:
         return sorted(ids - {0, IGNORE_INDEX})
 
     def _on_plane(self, change: Any) -> None:
-        """Adapt the slider to the new plane's depth (clamping the index), then render once."""
+        """Re-centre the slider on the new plane (its middle slice), then render once."""
+        depth = self._vol.shape[PLANES[change["new"]]]
         self._quiet = True
         try:
-            self.slider.max = self._vol.shape[PLANES[change["new"]]] - 1
+            self.slider.max = depth - 1
+            self.slider.value = depth // 2
         finally:
             self._quiet = False
         self._update()
@@ -266,6 +339,7 @@ class SliceViewer:
         """Render the current slice and put it on screen as PNG."""
         if self._quiet:
             return
+        self.window_readout.value = window_text(*self.window.value, self.window.step)
         self._rgb = _compose(
             self._vol,
             self.slider.value,
@@ -281,6 +355,13 @@ class SliceViewer:
         buffer = io.BytesIO()
         PIL.Image.fromarray(self._rgb).save(buffer, format="PNG")
         self.image_widget.value = buffer.getvalue()
+
+
+def window_text(lo: float, hi: float, step: float) -> str:
+    """The window readout ``"lo – hi"`` with as many decimals as the slider's step resolves
+    (step 0.001 on [0, 1] images: ``"0.125 – 0.875"``; step 4 HU: ``"-160 – 240"``)."""
+    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 3
+    return f"{lo:.{decimals}f} – {hi:.{decimals}f}"
 
 
 def legend_html(
@@ -361,8 +442,7 @@ def _compose(
     rows, cols = _resample_indices(vol.shape, axis, spacing)
 
     def take(v: np.ndarray) -> np.ndarray:
-        s = np.take(v, index, axis=axis)
-        return (s[::-1] if axis else s)[np.ix_(rows, cols)]
+        return display_orientation(np.take(v, index, axis=axis))[np.ix_(rows, cols)]
 
     grey = np.clip((take(vol).astype(np.float32) - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
     rgb = np.repeat(grey[..., None], 3, axis=2)
@@ -385,7 +465,8 @@ def _compose(
 def _resample_indices(
     shape: tuple[int, ...], axis: int, spacing: tuple[float, float, float] | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest-neighbour row/column indices that make the slice's pixels square."""
+    """Nearest-neighbour row/column indices that make the slice's pixels square (the displayed
+    slice's rows and columns: the in-plane axes are reversed, their sizes unchanged)."""
     in_plane = [a for a in range(3) if a != axis]
     sizes = [shape[a] for a in in_plane]
     if spacing is None:
