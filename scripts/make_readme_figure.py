@@ -2,8 +2,9 @@
 
 One CT case at the ``cpu`` profile's shape (48 x 128 x 128): four axial slices from the lung bases
 to the lower abdomen and one coronal slice, without (top row) and with (bottom row) the label
-overlay. Slices are shown in the radiological convention (anterior up, the patient's right on the
-left of the picture). Run from the repository root::
+overlay. Slices are shown in the package's one display convention (``medssl_kit.viz.viewer``: the
+radiological one, anterior up and the patient's right on the left of the picture; superior up in
+the coronal slice). Run from the repository root::
 
     python scripts/make_readme_figure.py [--case 3] [--seed 0] [--out docs/phantom.png]
 """
@@ -24,6 +25,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from medssl_kit.config import PROFILES  # noqa: E402
 from medssl_kit.data.phantom import LABELS, Tissue, generate_case  # noqa: E402
+from medssl_kit.viz.viewer import display_orientation  # noqa: E402
 
 COLOURS = {
     1: (0.85, 0.25, 0.2),
@@ -75,14 +77,20 @@ def main() -> None:
     kidneys = np.argwhere((label == 3) | (label == 4))
     coronal_y = int(kidneys[:, 1].mean())
     slices = _pick_slices(label)
-    # Crop to the body (plus a margin; not the couch): the radiological display flips y and x.
+    # Crop to the body (plus a margin; not the couch), then turn every slice to the package's
+    # display orientation (display_orientation: the radiological convention for RAS arrays).
     _, ys, xs = np.nonzero(~np.isin(case.tissue, (Tissue.AIR, Tissue.TABLE)))
     y0, y1 = max(ys.min() - 3, 0), ys.max() + 4
     x0, x1 = max(xs.min() - 3, 0), xs.max() + 4
-    flip = (slice(y1 - 1, y0 - 1 if y0 else None, -1), slice(x1 - 1, x0 - 1 if x0 else None, -1))
-    panels = [(image[k][flip], label[k][flip], 1.0) for k in slices]
-    coronal = (slice(None, None, -1), coronal_y, flip[1])
-    panels.append((image[coronal], label[coronal], sz / sx))
+    crop = (slice(y0, y1), slice(x0, x1))
+    panels = [
+        (display_orientation(image[k][crop]), display_orientation(label[k][crop]), 1.0)
+        for k in slices
+    ]
+    coronal = (slice(None), coronal_y, crop[1])
+    panels.append(
+        (display_orientation(image[coronal]), display_orientation(label[coronal]), sz / sx)
+    )
     depth = image.shape[0]
     titles = [f"axial, z = {(k + 0.5 - depth / 2) * sz:+.0f} mm" for k in slices] + ["coronal"]
 

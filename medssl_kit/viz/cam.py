@@ -17,6 +17,10 @@ The class index is always explicit. The default target layer is the encoder's bo
 (:func:`default_target_layer`): what the (transferred, possibly pre-trained) encoder looks at;
 any module name of the network can be given instead (``dict(model.named_modules())``). The
 network passed in is never modified: CAMs run on a copy, in eval mode.
+
+Maps come back in the input's array order (``[D, H, W]`` like the volume); draw them with
+:func:`medssl_kit.viz.viewer.render_slice` (``cam=``) or the viewer, which show every slice in the
+package's one display convention (radiological; see :mod:`medssl_kit.viz.viewer`).
 """
 
 from __future__ import annotations
