@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from medssl_kit.viz.html_report import write_html_report
-from medssl_kit.viz.interactive import label_efficiency_plotly
+from medssl_kit.viz.interactive import budget_text, count_text, label_efficiency_plotly
 from medssl_kit.viz.plots import plot_label_efficiency, plot_learning_curves, plot_loss_terms
 
 
@@ -77,3 +77,36 @@ def test_html_report_is_self_contained(tmp_path):
     # plotly.js is embedded once (offline), not fetched from a CDN
     assert text.count("plotly.js v") == 1 and '<script src="http' not in text
     assert text.count("Plotly.newPlot") == 2
+
+
+def test_dice_axes_span_zero_to_one_even_for_a_constant_score():
+    df = _efficiency_rows().assign(dice=0.0)  # e.g. a smoke run: plotly would pick -1 to 1
+    assert tuple(label_efficiency_plotly(df).layout.yaxis.range) == (0.0, 1.0)
+    assert plot_label_efficiency(df).axes[0].get_ylim() == (0.0, 1.0)
+    assert label_efficiency_plotly(df, metric="hd95").layout.yaxis.range is None  # mm: free
+
+
+def test_hover_writes_counts_as_integers_with_singular_nouns():
+    one_seed = _efficiency_rows().query("seed == 0 and case == 'c0'")
+    trace = {t.name: t for t in label_efficiency_plotly(one_seed).data}["ssl"]
+    hover = trace.hovertemplate
+    for i, text in enumerate(trace.customdata[0]):
+        hover = hover.replace(f"%{{customdata[{i}]}}", text)
+    assert "1 labelled case<br>" in hover and "1 seed, 1 test case" in hover
+    four = {t.name: t for t in label_efficiency_plotly(_efficiency_rows()).data}["ssl"]
+    assert list(four.customdata[1]) == ["4 labelled cases", "2 seeds", "2 test cases"]
+    assert budget_text(0.25) == "25% of the labelled cases" and count_text(3.0, "seed") == "3 seeds"
+    assert "%{x" not in trace.hovertemplate  # plotly would print 1 as "1.00000"
+
+
+def test_html_report_renders_markdown_tables_and_scrolls_wide_tables(tmp_path):
+    markdown = "| method | Dice |\n|---|---|\n| ssl | 0.71 ± 0.02 |\n| a<b | – |"
+    wide = pd.DataFrame([{f"column_{i}": i for i in range(40)}])
+    text = write_html_report(tmp_path / "r.html", "t", [("T", [markdown, wide])]).read_text()
+    assert "|---|" not in text and "| ssl" not in text  # no raw Markdown left
+    assert "<th>method</th><th>Dice</th>" in text and "<td>0.71 ± 0.02</td>" in text
+    assert "<td>a&lt;b</td>" in text  # cells are escaped
+    assert text.count('<div class="table-wrap">') == 2 and "overflow-x: auto" in text
+    pivot = pd.DataFrame({"class": ["liver"], "dice": [0.5]}).pivot_table(columns="class")
+    text = write_html_report(tmp_path / "p.html", "t", [("T", [pivot.reset_index()])]).read_text()
+    assert "<th>class</th>" not in text  # the columns' name is not drawn as an empty column

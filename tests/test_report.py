@@ -262,3 +262,15 @@ def test_cli_report_prints_the_auroc_table_and_names_bad_files(tmp_path, capsys)
     empty.mkdir()
     assert main(["report", str(empty)]) != 0
     assert "no results.csv and no classifier run" in capsys.readouterr().err
+
+
+def test_report_html_shows_the_comparison_as_a_table(tmp_path):
+    from medssl_kit.viz.html_report import write_html_report
+
+    table = comparison_table(_rows(), organs=[1, 2], lesions=[7])
+    markdown = to_markdown(table)
+    text = write_html_report(tmp_path / "report.html", "t", [("Comparison", [markdown])])
+    text = text.read_text()
+    assert "|---|" not in text and "| ssl |" not in text  # not one paragraph of raw pipes
+    assert "<th>organ Dice</th>" in text and "<td>0.767 ± 0.002</td>" in text
+    assert text.count("<tr>") == markdown.count("\n")  # the header and one row per method

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from medssl_kit.evaluate.results import aggregate
 from medssl_kit.train.checkpoint import read_jsonl
+from medssl_kit.viz.interactive import UNIT_RANGE_METRICS
 
 
 def plot_loss_terms(
@@ -60,7 +61,9 @@ def plot_label_efficiency(
     classes: Iterable[int | str] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Mean ± sd over seeds of the case-mean ``metric`` against labelled cases, per method."""
+    """Mean ± sd over seeds of the case-mean ``metric`` against labelled cases, per method.
+
+    Dice, IoU and AUROC are drawn on a 0–1 axis."""
     table = aggregate(df, by=("method", "labeled"), classes=classes, metrics=(metric,))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, rows in table.groupby("method"):
@@ -75,6 +78,8 @@ def plot_label_efficiency(
         )
     ax.set(xlabel="labelled cases", ylabel=metric, title=title or f"label efficiency ({metric})")
     ax.set_xscale("log", base=2)
+    if metric in UNIT_RANGE_METRICS:
+        ax.set_ylim(0.0, 1.0)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
