@@ -377,7 +377,7 @@ def test_precision_and_memory_format_follow_the_device(monkeypatch):
     assert D.precision(cuda, True) == D.Precision(torch.float16, True)  # with a grad scaler
     assert D.channels_last(cuda, 2, None) and not D.channels_last(cuda, 3, None)
     assert not D.channels_last(cpu, 2, None) and D.channels_last(cpu, 2, True)
-    assert D.default_workers(cpu, 1) == 0 and 1 <= D.default_workers(cuda, 1) <= 4
+    assert D.default_workers(cpu) == 0 and 1 <= D.default_workers(cuda) <= 4
 
 
 def test_amp_on_the_cpu_trains_in_bfloat16_in_channels_last(tiny_phantom, tmp_path, monkeypatch):

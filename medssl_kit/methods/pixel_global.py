@@ -382,7 +382,7 @@ class PixelGlobal(PretrainMethod):
         if self.uses_stabilizer and n < 2:
             raise MedsslError(
                 "pixel_global: the context stabilizer takes x̃ from the same batch and needs "
-                "batch_size >= 2 (or set stabilizer=false)"
+                "batch_size >= 2, with several processes 2 per process (or set stabilizer=false)"
             )
         pairs = [sample_view_pair(image, self.view_spec, generator) for image in images]
         if not self.uses_stabilizer:

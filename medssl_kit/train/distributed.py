@@ -117,12 +117,13 @@ def precision(device: torch.device, amp: bool) -> Precision:
     return Precision(torch.bfloat16, False)
 
 
-def default_workers(device: torch.device, processes: int) -> int:
+def default_workers(device: torch.device) -> int:
     """Batch-building worker processes per rank: none on the CPU (the cores train), on CUDA up
-    to 4, sharing this machine's cores between its ranks."""
+    to 4, sharing this machine's cores between its ranks (torchrun's ``LOCAL_WORLD_SIZE``)."""
     if device.type != "cuda":
         return 0
-    return max(1, min(4, (os.cpu_count() or 1) // max(1, processes) - 1))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks_here) - 1))
 
 
 def channels_last(device: torch.device, dims: int, wanted: bool | None) -> bool:
@@ -438,7 +439,7 @@ def _report(folder: str, message: str, collateral: bool) -> None:
 
 
 # What a collective raises when a peer process died (gloo says so in a plain RuntimeError).
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crash")
+_PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "remote worker crash")
 
 
 def _broken_off(err: BaseException) -> bool:

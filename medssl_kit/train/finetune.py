@@ -282,7 +282,7 @@ def _finetune(
     cfg = replace(
         cfg,
         amp=cfg.amp if cfg.amp is not None else run.device.type == "cuda",
-        workers=cfg.workers if cfg.workers is not None else default_workers(run.device, 1),
+        workers=cfg.workers if cfg.workers is not None else default_workers(run.device),
         channels_last=channels_last(run.device, cfg.dims, cfg.channels_last),
     )
     resuming = on_rank_zero(lambda: prepare_run_folder(out_dir, resume))

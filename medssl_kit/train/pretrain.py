@@ -243,7 +243,7 @@ def _pretrain(
     cfg = replace(
         cfg,
         amp=cfg.amp if cfg.amp is not None else device.type == "cuda",
-        workers=cfg.workers if cfg.workers is not None else default_workers(device, 1),
+        workers=cfg.workers if cfg.workers is not None else default_workers(device),
         channels_last=nhwc,
     )
     mixed = precision(device, cfg.amp)
