@@ -116,10 +116,10 @@ SETTINGS: dict[str, Any] = {
     "spatial_prob": 0.5,
     "intensity_prob": 0.2,
 }
-# The cpu profile's 10-minute pre-training budget: 2D runs the profile's 1000 steps (the paper's
-# 1000 iterations; ≈ 0.4 s a step on 2 cores), 3D UNETR on 32×64×64 patches ≈ 0.9 s a step
-# (benchmarks/RESULTS.md), so 500 steps.
-CPU_STEPS_3D = 500
+# The cpu profile's 10-minute pre-training budget on 2 cores (benchmarks/RESULTS.md): a 2D step
+# (batch 8, 96² patches, unet) takes ≈ 1.23 s of wall time, so 480 steps; a 3D step (UNETR, two
+# 32×64×64 patches) ≈ 4.8 s, so 120 steps.
+CPU_STEPS = {2: 480, 3: 120}
 ROTATION = 15 * 3.141592653589793 / 180
 
 
@@ -212,12 +212,12 @@ class MixCL(PretrainMethod):
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """AdamW 1e-4, cosine, weight decay 1e-5 (§3.1); ``unetr`` in 3D, ``unet`` in 2D; the
         pre-training pool only (its labels are used); 3D batches of 2 patches on CPU (the paper:
-        one per GPU on six GPUs) and, at ``cpu``, :data:`CPU_STEPS_3D` steps."""
+        one per GPU on six GPUs) and, at ``cpu``, :data:`CPU_STEPS` steps (its 10-minute budget)."""
         loop: dict[str, Any] = {}
         if spatial_dims == 3 and profile != "gpu":
             loop["batch_size"] = 2
-        if spatial_dims == 3 and profile == "cpu":
-            loop["steps"] = CPU_STEPS_3D
+        if profile == "cpu":
+            loop["steps"] = CPU_STEPS[spatial_dims]
         return {
             **loop,
             **SETTINGS,
