@@ -318,18 +318,21 @@ class HierarchicalDense(PretrainMethod):
             self.train(training)
 
     @torch.no_grad()
-    def voxel_embeddings(self, images: Tensor) -> Tensor:
-        """``[B, Σ C_i, *S]``: every voxel's embedding before the projector (all levels
-        upsampled to full resolution and concatenated; balanced with ``arch``), eval mode."""
+    def slice_embeddings(self, image: Tensor, z: int | None = None) -> Tensor:
+        """``[Σ C_i, H, W]``: the voxel embeddings (before the projector; balanced with
+        ``arch``) of every pixel of ``image [C, H, W]`` (2D), or of axial slice ``z`` of
+        ``image [C, D, H, W]`` (3D), read from the pyramid as in training (eval mode)."""
         training = self.training
         self.eval()
         try:
-            levels, _ = self.pyramid(images)
-            size = tuple(images.shape[2:])
-            mode = "bilinear" if self.dims == 2 else "trilinear"
-            return torch.cat(
-                [F.interpolate(x, size=size, mode=mode, align_corners=False) for x in levels], 1
-            )
+            levels, _ = self.pyramid(image[None])
+            size = tuple(image.shape[1:])
+            axes = [torch.arange(n, dtype=torch.float32) for n in size[-2:]]
+            plane = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
+            depth = [] if self.dims == 2 else [torch.full((len(plane), 1), float(z))]
+            positions = torch.cat([torch.zeros(len(plane), 1), *depth, plane], 1)
+            rows = sample_pyramid(levels, positions.to(image.device), size)
+            return rows.t().reshape(-1, *size[-2:])
         finally:
             self.train(training)
 
