@@ -449,7 +449,12 @@ def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--init", default="scratch", metavar="scratch|RUN_DIR")
     p.add_argument("--labeled", type=_labeled_arg, default="all", metavar="N|F|all")
-    p.add_argument("--mode", choices=("full", "probe", "classify", "knn"), default="full")
+    p.add_argument(
+        "--mode",
+        choices=("full", "probe", "classify", "knn", "linear", "nonlinear"),
+        default="full",
+        help="linear / nonlinear: the fpn's linear probe / non-linear fine-tuning (--backbone fpn)",
+    )
     _add_run_arguments(p, "any FinetuneConfig field, e.g. lr=3e-4")
     p.set_defaults(handler=_run_finetune)
 

@@ -195,7 +195,8 @@ def architecture_kwargs(profile: str | None, backbone: str, dims: int = 2) -> di
     """The structure of a profile's fine-tuned ``backbone``: the ``unet`` widths, the ``resunet``
     ResNet (ResNet-18 on CPU, the pixel-global paper's ResNet-50 at ``gpu``), the ``unetr``'s
     fixed input size (the fine-tuning patch in 3D, crop in 2D; inference tiles whole slices and
-    volumes with it); nothing for the others (their defaults).
+    volumes with it), the ``fpn``'s depth and width at ``smoke``; nothing for the others (their
+    defaults).
 
     Fine-tuning builds this network for every start, scratch included, and every pre-training
     method starts from it (adding only what training needs, e.g. decoder dropout), so that a
@@ -208,6 +209,9 @@ def architecture_kwargs(profile: str | None, backbone: str, dims: int = 2) -> di
         return {"backbone": ft.resnet}
     if backbone == "unetr":
         return {"img_size": list(ft.patch_size if dims == 3 else ft.crop_size)}
+    if backbone == "fpn" and get_profile(profile).name == "smoke":
+        # vox2vec's six levels need 32-voxel sides; smoke's patches have 16 slices
+        return {"n_levels": 4, "base_channels": 8}
     return {}
 
 

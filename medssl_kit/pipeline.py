@@ -5,7 +5,8 @@
 1. ``data`` — ``00_data_prep``: the profile's phantom (or the given manifest), validated;
 2. ``pretrain-<method>`` per method — the method's own notebook (``10`` pixel-global, ``11``
    PCRLv2, ``12`` MixCL on the common 2D ``unet``, with the pipeline's manifest as its pool,
-   ``13`` SSMTL / SSMTL+) or ``15_pretrain_baselines`` for the baselines;
+   ``13`` SSMTL / SSMTL+, ``14`` vox2vec / hierarchical dense SSL on the common 2D ``unet``) or
+   ``15_pretrain_baselines`` for the baselines;
 3. ``finetune-<init>`` for ``scratch`` and every pre-trained method — ``20_finetune`` over the
    label budgets × seeds;
 4. ``compare`` — ``40_compare``: label-efficiency curves, tables, Wilcoxon tests, ``report.html``
@@ -67,6 +68,15 @@ PRETRAIN_NOTEBOOKS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixcl": ("12_pretrain_mixcl.ipynb", {"dims": 2, "backbone": "unet"}),
     "ssmtl": ("13_pretrain_ssmtl.ipynb", {"variant": "ssmtl"}),
     "ssmtl_plus": ("13_pretrain_ssmtl.ipynb", {"variant": "ssmtl_plus"}),
+    # on the common 2D unet (its decoder maps as the pyramid), as every stage is fine-tuned
+    "vox2vec": (
+        "14_pretrain_hierarchical_dense.ipynb",
+        {"method": "vox2vec", "dims": 2, "backbone": "unet"},
+    ),
+    "hierarchical_dense": (
+        "14_pretrain_hierarchical_dense.ipynb",
+        {"method": "hierarchical_dense", "dims": 2, "backbone": "unet"},
+    ),
 }
 GENERIC_PRETRAIN_NOTEBOOK = "15_pretrain_baselines.ipynb"
 LIBRARIES = ("torch", "monai", "numpy", "pandas", "papermill", "nbformat", "plotly", "matplotlib")

@@ -1,4 +1,5 @@
-"""Two-view sampling with exact pixel correspondence, multi-crop and sub-crop (DESIGN §2.5).
+"""Two-view sampling with exact pixel correspondence, multi-crop, sub-crop and overlapping crops
+(DESIGN §2.5, §4.5).
 
 Conventions
 -----------
@@ -69,10 +70,12 @@ __all__ = [
     "correspondence",
     "make_spatial_params",
     "multi_crop",
+    "overlapping_crops",
     "replay",
     "sample_intensity",
     "sample_spatial",
     "sample_view_pair",
+    "shared_voxels",
     "sub_crop",
 ]
 
@@ -760,3 +763,56 @@ def sub_crop(
         bounding_box=bbox,
         iou=iou,
     )
+
+
+# --- vox2vec: two overlapping crops and their shared voxels -------------------------------------
+
+
+def overlapping_crops(
+    image: Tensor, size: Sequence[int], generator: torch.Generator, body: Tensor | None = None
+) -> ViewPair:
+    """Two crops of ``size`` voxels of ``image[C, *S]`` that share at least one body voxel
+    (vox2vec's views, DESIGN §4.5).
+
+    An anchor voxel is drawn uniformly from ``body`` (``bool [*S]``; ``None`` or empty: every
+    voxel), then each crop's start is drawn uniformly, per axis, among the starts whose crop
+    holds the anchor. The crops are not resized, flipped or rotated: each view is an integer
+    translation of the image, so a voxel of one view is a voxel of the other (no interpolation).
+    Intensities are untouched (identity :class:`IntensityParams`). Raises ``MedsslError`` when
+    the image is smaller than ``size``.
+    """
+    shape = tuple(int(n) for n in image.shape[1:])
+    size = tuple(int(s) for s in size)
+    if len(size) != len(shape) or any(s > n for s, n in zip(size, shape, strict=True)):
+        raise MedsslError(f"crops of {list(size)} voxels do not fit an image of {list(shape)}")
+    candidates = body.nonzero() if body is not None else None
+    if candidates is None or len(candidates) == 0:
+        anchor = [randint(generator, 0, n - 1) for n in shape]
+    else:
+        anchor = candidates[randint(generator, 0, len(candidates) - 1)].tolist()
+    params = []
+    for _ in range(2):
+        start = [
+            randint(generator, max(0, a - s + 1), min(a, n - s))
+            for a, s, n in zip(anchor, size, shape, strict=True)
+        ]
+        params.append(make_spatial_params(shape, size, start, size))
+    return build_view_pair(image, params[0], params[1])
+
+
+def shared_voxels(
+    pair: ViewPair, mask1: Tensor, n: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Up to ``n`` positive pairs of ``pair``: view-1 voxels where ``mask1`` (``bool [*V1]``) is
+    True whose point lies in view 2, drawn without replacement.
+
+    Returns ``(index1, index2)``, ``float32 [m, dims]`` view voxel indices (ordered like the
+    spatial axes) of the same physical points, ``m = min(n, candidates)``, in drawing order.
+    ``index2`` comes from the views' affine maps (:class:`SpatialParams`), so it is exact; for
+    :func:`overlapping_crops` both are whole numbers.
+    """
+    _, valid = correspondence(pair)
+    candidates = (valid.cpu() & mask1.cpu()).nonzero()
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n]]
+    index2 = pair.spatial2.coords_to_index(pair.spatial1.index_to_coords(chosen))
+    return chosen.float(), index2.float()

@@ -73,6 +73,7 @@ def info_nce(
     queue: Tensor | None = None,
     temperature: float = 0.2,
     in_batch_negatives: bool = False,
+    detach_keys: bool = True,
 ) -> Tensor:
     """InfoNCE with a queue of negatives (MoCo eq. 1), averaged over the batch::
 
@@ -84,6 +85,8 @@ def info_nce(
     and with ``in_batch_negatives`` the other samples of the batch, both their keys ``k_j`` and
     their queries ``q_j`` (``j ≠ i``; SimCLR's 2(B−1) negatives). ``key`` and ``queue`` are
     detached (MoCo's keys are constants to the query encoder); the other queries are not.
+    ``detach_keys=False`` keeps the keys' gradient (one encoder for both views, as SimCLR and
+    vox2vec's voxel InfoNCE, :mod:`medssl_kit.losses.hierarchical_dense`).
 
     Relation to ``monai.losses.ContrastiveLoss(temperature=τ)`` (SimCLR's NT-Xent, which takes
     both views as anchors and every other vector of the 2B as a negative): with an empty queue
@@ -100,7 +103,7 @@ def info_nce(
     rank is its queries' mean over the global batch's negatives.
     """
     q = F.normalize(query, dim=-1)
-    k = F.normalize(key.detach(), dim=-1)
+    k = F.normalize(key.detach() if detach_keys else key, dim=-1)
     logits = [(q * k).sum(-1, keepdim=True)]  # [B, 1], the positives first
     if queue is not None and queue.shape[0]:
         logits.append(q @ F.normalize(queue.detach(), dim=-1).T)  # [B, K]

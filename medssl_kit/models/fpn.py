@@ -18,8 +18,14 @@ reading (documented choice):
   (kernel 2, stride 2) ``c_{i+1} → c_i`` and ``e_i`` the bottom-up map (lateral addition, no
   lateral 1×1 convolution since the widths already agree).
 - pyramid levels: ``p_0 … p_{L-1}``, level ``i`` at ``1/2**i`` resolution with ``c_i`` channels.
-- ``head``: the paper's linear evaluation head — a 1×1 convolution per level to
-  ``out_channels``, each upsampled (linear interpolation) to full resolution, summed.
+- ``head`` (``head="linear"``, the default): the papers' linear evaluation head — a 1×1
+  convolution per level to ``out_channels``, each upsampled (linear interpolation) to full
+  resolution, summed (:class:`LevelSumHead`). ``head="nonlinear"``: the papers' fine-tuning head,
+  a light top-down pathway of 1×1 convolutions and residual units over the pyramid
+  (:class:`NonLinearHead`). The head never transfers (it is not the backbone's structure).
+
+MONAI has no FPN of this kind: a run's FPN weights load only into this class (``build_backbone
+(**header["backbone"])`` on a ``transferable.pt`` header, see the README's export section).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
-from monai.networks.blocks import ADN
+from monai.networks.blocks import ADN, ResidualUnit
 from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
@@ -116,6 +122,51 @@ class LevelSumHead(nn.Module):
         return out
 
 
+class NonLinearHead(nn.Module):
+    """The non-linear fine-tuning head on the pyramid (vox2vec's, as the hierarchical paper uses).
+
+    From the coarsest level down: ``x = unit_i(lateral_i(p_i) + up(reduce_i(x)))``, where
+    ``reduce_i`` is a 1×1 convolution ``c_{i+1} → c_i``, ``up`` nearest-neighbour upsampling to
+    level ``i``'s size, ``lateral_i`` a 1×1 convolution and ``unit_i`` a MONAI ``ResidualUnit``
+    of 1×1 convolutions (the coarsest level gets a unit alone); then a 1×1 convolution of the
+    full-resolution map to ``out_channels``. Every convolution is 1×1, so the head mixes levels
+    and channels but adds no spatial context of its own.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        level_channels: Sequence[int],
+        out_channels: int,
+        norm: str | tuple,
+        act: str | tuple,
+    ) -> None:
+        super().__init__()
+        conv = Conv["conv", spatial_dims]
+        channels = list(level_channels)
+
+        def unit(c: int) -> nn.Module:
+            return ResidualUnit(spatial_dims, c, c, kernel_size=1, subunits=2, norm=norm, act=act)
+
+        self.units = nn.ModuleList(unit(c) for c in channels)
+        self.reduce = nn.ModuleList(
+            conv(channels[i + 1], channels[i], kernel_size=1) for i in range(len(channels) - 1)
+        )
+        self.lateral = nn.ModuleList(conv(c, c, kernel_size=1) for c in channels[:-1])
+        self.out = conv(channels[0], out_channels, kernel_size=1)
+
+    def forward(self, levels: Sequence[Tensor]) -> Tensor:
+        """Logits at the resolution of ``levels[0]`` (``levels`` highest resolution first)."""
+        x = self.units[-1](levels[-1])
+        for i in range(len(levels) - 2, -1, -1):
+            up = F.interpolate(self.reduce[i](x), size=levels[i].shape[2:], mode="nearest")
+            x = self.units[i](self.lateral[i](levels[i]) + up)
+        return self.out(x)
+
+
+HEADS = ("linear", "nonlinear")
+
+
 class FPN(LevelStackMixin, BackboneMixin, nn.Module):
     """vox2vec-style FPN with pre-activation residual blocks (see the module docstring).
 
@@ -129,6 +180,8 @@ class FPN(LevelStackMixin, BackboneMixin, nn.Module):
         norm: ``"batch"``, ``"instance"`` (affine) or ``"group"`` (``norm_groups`` groups).
         norm_groups: groups for group norm.
         act: MONAI activation name or ``(name, kwargs)``.
+        head: ``"linear"`` (:class:`LevelSumHead`, the linear probe) or ``"nonlinear"``
+            (:class:`NonLinearHead`, the fine-tuning head).
 
     Inputs may have any spatial size with every side ≥ ``2**(n_levels-1)``.
     """
@@ -150,8 +203,11 @@ class FPN(LevelStackMixin, BackboneMixin, nn.Module):
         norm: str = "batch",
         norm_groups: int = 8,
         act: str | tuple = "relu",
+        head: str = "linear",
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if n_levels < 1 or base_channels < 1 or blocks_per_level < 0:
@@ -173,6 +229,7 @@ class FPN(LevelStackMixin, BackboneMixin, nn.Module):
             "norm": norm,
             "norm_groups": norm_groups,
             "act": act,
+            "head": head,
         }
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -200,7 +257,10 @@ class FPN(LevelStackMixin, BackboneMixin, nn.Module):
                 for i in range(n_levels - 2, -1, -1)  # deepest first
             ]
         )
-        self.head = LevelSumHead(spatial_dims, channels, out_channels)
+        if head == "linear":
+            self.head: nn.Module = LevelSumHead(spatial_dims, channels, out_channels)
+        else:
+            self.head = NonLinearHead(spatial_dims, channels, out_channels, norm_arg, act)
 
     def decode(self, encoder_feats: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Top-down pathway: pyramid ``p_{L-1} … p_0`` (coarsest first) and the head's logits."""

@@ -8,6 +8,13 @@ validates for early stopping and model selection, then evaluates the selected mo
 test volume and writes the run folder. ``mode="knn"`` trains nothing: the frozen backbone's pixel
 features of the labelled cases become a reference set and every test pixel is labelled by
 weighted kNN voting (:mod:`medssl_kit.evaluate.knn`), a direct reading of what the features hold.
+On the ``fpn`` (vox2vec, hierarchical dense SSL, or random weights), ``mode="linear"`` is the
+papers' linear probe — the backbone frozen, each pyramid level through its own 1×1 convolution to
+the classes, upsampled to full resolution and summed (``fpn`` ``head="linear"``) — and
+``mode="nonlinear"`` their fine-tuning: a non-linear head on the pyramid (``head="nonlinear"``),
+the backbone frozen for the first ``unfreeze_at`` of the steps, then trained with its rate raised
+exponentially from ``ramp_from`` × the rate over ``ramp_fraction`` of the steps
+(:func:`nonlinear_schedule`).
 
 ``config.json``      the resolved configuration, the labelled case ids, the key report
 ``metrics.jsonl``    one line per logged step (loss, lr) and per validation (score)
@@ -50,7 +57,13 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LinearLR, LRScheduler, PolynomialLR, SequentialLR
+from torch.optim.lr_scheduler import (
+    LambdaLR,
+    LinearLR,
+    LRScheduler,
+    PolynomialLR,
+    SequentialLR,
+)
 from tqdm.auto import tqdm
 
 from medssl_kit import __version__
@@ -109,7 +122,9 @@ from medssl_kit.train.transfer import (
     save_transferable,
 )
 
-MODES = ("full", "probe", "classify", "knn")
+MODES = ("full", "probe", "classify", "knn", "linear", "nonlinear")
+# Modes that put their own head on an ``fpn`` (the vox2vec / hierarchical papers' evaluation).
+FPN_HEAD_MODES = ("linear", "nonlinear")
 KNN_FEATURES = ("decoder", "encoder")
 TRAIN_SPLITS = ("train", "pretrain")
 
@@ -152,6 +167,13 @@ class FinetuneConfig:
     knn_k: int = DEFAULT_K
     knn_per_class: int = 1000
     knn_features: str = "decoder"
+    # nonlinear mode (the hierarchical paper's fine-tuning: 15K of 45K steps frozen, then the
+    # backbone's rate raised exponentially over 1.2K steps): the share of the steps the backbone
+    # stays frozen, the share over which its rate then rises, and the factor of the base rate
+    # it rises from (Lightning's BackboneFinetuning, which the public code uses: 1/10).
+    unfreeze_at: float = 1 / 3
+    ramp_fraction: float = 1.2 / 45
+    ramp_from: float = 0.1
     # A run folder whose network to build instead of the one these settings give (e.g. scratch
     # built like a pre-trained init of another size); the run's method name then says so.
     architecture_from: str | None = None
@@ -185,6 +207,15 @@ class FinetuneConfig:
             raise MedsslError(
                 f"train_split must be one of {TRAIN_SPLITS} (val and test stay held out), "
                 f"got {out.train_split!r}"
+            )
+        if out.mode in FPN_HEAD_MODES and out.backbone != "fpn" and not out.architecture_from:
+            raise MedsslError(
+                f"{out.mode} mode puts its head on the fpn's pyramid levels; pass --backbone fpn"
+            )
+        if not (0 <= out.unfreeze_at < 1 and out.ramp_fraction >= 0 and 0 < out.ramp_from <= 1):
+            raise MedsslError(
+                "unfreeze_at must be in [0, 1), ramp_fraction >= 0 and ramp_from in (0, 1]; got "
+                f"{out.unfreeze_at!r}, {out.ramp_fraction!r}, {out.ramp_from!r}"
             )
         if not out.pretrained_lr_scale >= 0:
             raise MedsslError(f"pretrained_lr_scale must be >= 0, got {out.pretrained_lr_scale!r}")
@@ -278,6 +309,8 @@ def _finetune(
 ) -> FinetuneResult:
     if run.world_size > 1 and cfg.mode == "knn":
         raise MedsslError("knn mode trains nothing: run it in one process (without --nproc)")
+    if run.world_size > 1 and cfg.mode == "nonlinear":
+        raise MedsslError("nonlinear mode unfreezes its backbone mid-run: run it in one process")
     check_processes(cfg.batch_size, run.world_size)
     cfg = replace(
         cfg,
@@ -412,7 +445,7 @@ def _train(
     while state["step"] < cfg.steps and not state["stopped"]:
         step = state["step"]
         model.train()
-        task.set_train_modes(model)
+        task.set_train_modes(model, step)
         inputs, target, labelled = (
             None if x is None else x.to(device, non_blocking=x.is_pinned()) for x in next(drawn)
         )
@@ -567,6 +600,10 @@ def build_model(
     name, kwargs = cfg.backbone, dict(cfg.backbone_kwargs)
     if cfg.architecture_from:
         name, kwargs = architecture_kwargs_of(cfg.architecture_from)
+    if cfg.mode in FPN_HEAD_MODES:
+        if name != "fpn":
+            raise MedsslError(f"{cfg.mode} mode needs an fpn network, not '{name}'")
+        kwargs["head"] = cfg.mode
     backbone = build_backbone(name, cfg.dims, in_channels, out_channels, **kwargs)
     method, report = "scratch", None
     if str(init) != "scratch":
@@ -581,7 +618,7 @@ def build_model(
         method = f"{method} [{read_transferable(cfg.architecture_from)['method']}'s network]"
     if cfg.train_split != "train":  # trained on the pool's labels: not a scratch run any more
         method = "supervised" if method == "scratch" else f"{method}+supervised"
-    if cfg.mode == "probe":
+    if cfg.mode in ("probe", "linear"):
         _freeze_all_but_head(backbone)
     if cfg.mode == "knn":
         return _KnnSegmenter(backbone, out_channels, cfg), method, report
@@ -594,6 +631,12 @@ def _param_groups(
 ) -> list[dict[str, Any]]:
     """Trainable parameters at the base rate, then those loaded from the init run at
     ``cfg.pretrained_lr_scale`` × the base rate."""
+    if cfg.mode == "nonlinear":  # the head, then the backbone (its own rate, see _lr_schedule)
+        named = list(model.named_parameters())
+        return [
+            {"params": [p for n, p in named if n.startswith("head.")]},
+            {"params": [p for n, p in named if not n.startswith("head.")]},
+        ]
     loaded_names = set(key_report.matched) if key_report else set()
     loaded = {id(p) for name, p in model_backbone(model).named_parameters() if name in loaded_names}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -612,6 +655,9 @@ def _param_groups(
 def _lr_schedule(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig) -> LRScheduler:
     """nnU-Net's poly decay (power 0.9) to zero at ``cfg.steps``, after ``cfg.warmup_steps`` of
     linear warm-up (rate × (step + 1) / warmup_steps), when there are any."""
+    if cfg.mode == "nonlinear":
+        head, backbone = nonlinear_schedule(cfg)
+        return LambdaLR(optimizer, [head, backbone])
     decay = PolynomialLR(optimizer, total_iters=cfg.steps - cfg.warmup_steps, power=0.9)
     if not cfg.warmup_steps:
         return decay
@@ -619,6 +665,35 @@ def _lr_schedule(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig) -> LRSch
         optimizer, start_factor=1 / cfg.warmup_steps, total_iters=cfg.warmup_steps - 1
     )
     return SequentialLR(optimizer, [warmup, decay], milestones=[cfg.warmup_steps])
+
+
+def unfreeze_step(cfg: FinetuneConfig) -> int:
+    """nonlinear mode: the first step (counting from 0) at which the backbone trains."""
+    return round(cfg.unfreeze_at * cfg.steps)
+
+
+def nonlinear_schedule(
+    cfg: FinetuneConfig,
+) -> tuple[Callable[[int], float], Callable[[int], float]]:
+    """nonlinear mode's rate factors of the head and of the backbone at step ``s`` (from 0).
+
+    Head: nnU-Net's poly decay ``(1 − s/S)^0.9``, as every mode. Backbone: 0 before
+    :func:`unfreeze_step` ``U``; then ``ramp_from^(1 − (s − U)/R)`` — exponential from
+    ``ramp_from`` to 1 over ``R = max(1, round(ramp_fraction · S))`` steps — times the poly
+    decay (the hierarchical paper raises the backbone's rate exponentially after 15K of 45K
+    frozen steps over 1.2K steps).
+    """
+    start, ramp = unfreeze_step(cfg), max(1, round(cfg.ramp_fraction * cfg.steps))
+
+    def poly(s: int) -> float:
+        return (1.0 - min(s, cfg.steps) / cfg.steps) ** 0.9
+
+    def backbone(s: int) -> float:
+        if s < start:
+            return 0.0
+        return cfg.ramp_from ** max(0.0, 1.0 - (s - start) / ramp) * poly(s)
+
+    return poly, backbone
 
 
 def _freeze_all_but_head(backbone: nn.Module) -> None:
@@ -644,9 +719,16 @@ class _Task:
             return _ClassifyTask(cfg, manifest)
         return _SegmentTask(cfg, manifest)
 
-    def set_train_modes(self, model: nn.Module) -> None:
-        """Frozen parts keep their normalisation statistics (eval mode) while probing."""
-        if self.cfg.mode == "probe":
+    def set_train_modes(self, model: nn.Module, step: int) -> None:
+        """Frozen parts keep their normalisation statistics (eval mode) while probing; in
+        nonlinear mode the backbone is frozen so before :func:`unfreeze_step`, then trains."""
+        frozen = self.cfg.mode in ("probe", "linear")
+        if self.cfg.mode == "nonlinear":
+            frozen = step < unfreeze_step(self.cfg)
+            for name, p in model.named_parameters():
+                if not name.startswith("head."):
+                    p.requires_grad = not frozen
+        if frozen:
             for name, module in model.named_modules():
                 if name and not name.startswith("head"):
                     module.eval()

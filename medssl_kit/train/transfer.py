@@ -67,9 +67,11 @@ def read_transferable(path: str | Path) -> dict[str, Any]:
 
 
 # Backbone options that are not structure: training-time dropout (pixel_global's MC dropout),
-# the logits' width (the head never transfers) and, for a non-skip ``unet``, ``skips`` (its
-# weights embed into the skip UNet, :meth:`~medssl_kit.models.unet.UNet.embed_nonskip_state`).
-_NOT_STRUCTURE = ("dropout", "out_channels")
+# the logits' width and the ``fpn``'s head kind (the head never transfers: the linear and
+# non-linear fine-tuning modes put their own on any FPN run) and, for a non-skip ``unet``,
+# ``skips`` (its weights embed into the skip UNet,
+# :meth:`~medssl_kit.models.unet.UNet.embed_nonskip_state`).
+_NOT_STRUCTURE = ("dropout", "out_channels", "head")
 
 
 def architecture(config: dict[str, Any]) -> dict[str, Any]:

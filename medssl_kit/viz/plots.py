@@ -1,4 +1,5 @@
-"""Static figures (matplotlib): learning curves, loss terms, label-efficiency curves (§7.3)."""
+"""Static figures (matplotlib): learning curves, loss terms, label-efficiency curves (§7.3), and
+voxel-embedding pictures (positive pairs of two crops, PCA to RGB; §4.5)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from medssl_kit.evaluate.results import aggregate
 from medssl_kit.train.checkpoint import read_jsonl
@@ -81,5 +86,53 @@ def plot_label_efficiency(
     if metric in UNIT_RANGE_METRICS:
         ax.set_ylim(0.0, 1.0)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pca_rgb(features: Tensor) -> np.ndarray:
+    """Per-pixel features ``[C, *S]`` as an RGB image ``[*S, 3]`` in [0, 1]: the first three
+    principal components over the pixels, each stretched from its 1st to 99th percentile (the
+    picture vox2vec users know: similar features, similar colours)."""
+    flat = features.detach().flatten(1).t().double()  # [pixels, C]
+    centred = flat - flat.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    components = centred @ v[: min(3, v.shape[0])].t()
+    if components.shape[1] < 3:
+        components = F.pad(components, (0, 3 - components.shape[1]))
+    lo = components.quantile(0.01, dim=0)
+    hi = components.quantile(0.99, dim=0)
+    rgb = ((components - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    return rgb.reshape(*features.shape[1:], 3).float().numpy()
+
+
+def plot_positive_pairs(
+    crop1: Tensor, crop2: Tensor, pos1: Tensor, pos2: Tensor, pair: int = 0
+) -> Figure:
+    """A slice of both crops of positive pair ``pair`` with its sampled positives, one colour
+    per voxel in both panels (the same colour marks the same physical voxel).
+
+    ``crop1`` / ``crop2``: ``[C, *S]`` (2D, or 3D with axial slices first); ``pos1`` / ``pos2``
+    ``[N, 1 + dims]`` (pair index, then the voxel index). In 3D the axial slice of crop 1 with
+    the most positives is drawn, and the slice of crop 2 its voxels lie on. Drawn in array
+    orientation (row 0 on top), so that the marks sit where the indices say.
+    """
+    rows = pos1[:, 0] == pair
+    p1, p2 = pos1[rows, 1:].long(), pos2[rows, 1:].long()
+    if crop1.ndim == 4:
+        z = int(p1[:, 0].mode().values)
+        on = p1[:, 0] == z
+        slices = (crop1[0, z], crop2[0, int(p2[on, 0][0])])
+        p1, p2 = p1[on, 1:], p2[on, 1:]
+        titles = (f"crop 1, slice {z}", f"crop 2, slice {int(pos2[rows][on][0, 1])}")
+    else:
+        slices, titles = (crop1[0], crop2[0]), ("crop 1", "crop 2")
+    colours = plt.get_cmap("hsv")(np.linspace(0, 1, len(p1), endpoint=False))
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
+    for ax, image, points, title in zip(axes, slices, (p1, p2), titles, strict=True):
+        ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.scatter(points[:, 1], points[:, 0], s=6, c=colours)
+        ax.set_title(f"{title}: {len(points)} positives", fontsize=9)
+        ax.axis("off")
     fig.tight_layout()
     return fig
