@@ -5,11 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medssl_kit.data.phantom.anatomy import _Anatomy
-from medssl_kit.data.phantom.geometry import (
-    _capsule,
-    _ellipsoid,
-    _frac,
-)
+from medssl_kit.data.phantom.geometry import _capsule, _ellipsoid, _frac
 from medssl_kit.data.phantom.tissues import Tissue
 
 _T = Tissue
