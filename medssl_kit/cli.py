@@ -208,7 +208,8 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from medssl_kit.data.manifest import load_manifest, validate_manifest
+    from medssl_kit.data.manifest import load_manifest
+    from medssl_kit.data.validate import validate_manifest
 
     manifest = load_manifest(args.manifest)
     report = validate_manifest(
@@ -251,7 +252,8 @@ def _add_import_msd(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_import_msd(args: argparse.Namespace) -> int:
-    from medssl_kit.data.manifest import SPLITS, import_msd, load_manifest
+    from medssl_kit.data.manifest import SPLITS, load_manifest
+    from medssl_kit.data.msd import import_msd
 
     if args.window[0] >= args.window[1]:
         raise UsageError(f"--window needs LO < HI, got {args.window[0]:g} {args.window[1]:g}")

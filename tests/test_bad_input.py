@@ -24,7 +24,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from medssl_kit.cli import main
 from medssl_kit.data.datasets import PatchDataset, load_volumes
 from medssl_kit.data.io import load_case
-from medssl_kit.data.manifest import load_manifest, validate_manifest
+from medssl_kit.data.manifest import load_manifest
+from medssl_kit.data.validate import validate_manifest
 from medssl_kit.errors import ManifestError
 
 MEDSSL = Path(sys.executable).with_name("medssl")

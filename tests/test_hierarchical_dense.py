@@ -21,14 +21,9 @@ from medssl_kit.losses.hierarchical_dense import hybrid_loss, voxel_info_nce
 from medssl_kit.methods.hierarchical_dense import HierarchicalDense, Vox2Vec, sample_pyramid
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
-from medssl_kit.train.finetune import (
-    FinetuneConfig,
-    _SegmentTask,
-    build_model,
-    finetune,
-    nonlinear_schedule,
-    unfreeze_step,
-)
+from medssl_kit.train.finetune import FinetuneConfig, build_model, finetune
+from medssl_kit.train.finetune_schedule import nonlinear_schedule, unfreeze_step
+from medssl_kit.train.finetune_tasks import _SegmentTask
 from medssl_kit.train.pretrain import PretrainConfig, pretrain, run_pretraining
 from medssl_kit.train.transfer import check_transferable_fits, read_transferable, save_transferable
 

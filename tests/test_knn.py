@@ -15,13 +15,9 @@ from medssl_kit.data.manifest import load_manifest
 from medssl_kit.errors import MedsslError
 from medssl_kit.evaluate.knn import balanced_reference, knn_vote
 from medssl_kit.models.base import BackboneFeatures
-from medssl_kit.train.finetune import (
-    MODES,
-    FinetuneConfig,
-    _KnnSegmenter,
-    finetune,
-    load_finetuned,
-)
+from medssl_kit.train.finetune import FinetuneConfig, finetune, load_finetuned
+from medssl_kit.train.finetune_config import MODES
+from medssl_kit.train.knn_segmenter import _KnnSegmenter
 
 
 def _naive_vote(reference, labels, query, n_classes, k, temperature):

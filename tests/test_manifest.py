@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 from medssl_kit.cli import main
-from medssl_kit.data.manifest import (
-    ManifestProblems,
-    import_msd,
-    load_manifest,
-    parse_manifest,
-    validate_manifest,
-)
+from medssl_kit.data.manifest import ManifestProblems, load_manifest, parse_manifest
+from medssl_kit.data.msd import import_msd
+from medssl_kit.data.validate import validate_manifest
 from medssl_kit.errors import ManifestError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from medssl_kit.cli import main
 from medssl_kit.config import PROFILES
-from medssl_kit.data.manifest import load_manifest, validate_manifest
+from medssl_kit.data.manifest import load_manifest
 from medssl_kit.data.phantom import (
     CONTRAST_PHASES,
     DEFAULT_FOV_MM,
@@ -26,6 +26,7 @@ from medssl_kit.data.phantom import (
     generate_case,
     make_phantom,
 )
+from medssl_kit.data.validate import validate_manifest
 from medssl_kit.errors import ManifestError
 
 SMALL = (16, 64, 64)
@@ -665,7 +666,7 @@ def test_overwrites_its_own_previous_phantom(tmp_path):
 
 
 def test_interrupted_run_leaves_a_placeholder_and_can_be_rerun(tmp_path, monkeypatch):
-    import medssl_kit.data.phantom as phantom
+    import medssl_kit.data.phantom.write as phantom
 
     calls = []
 

@@ -36,7 +36,8 @@ from medssl_kit.evaluate.clustering import (
     spherical_kmeans,
 )
 from medssl_kit.train.checkpoint import write_json
-from medssl_kit.train.finetune import KNN_FEATURES, FinetuneConfig, build_model
+from medssl_kit.train.finetune_config import KNN_FEATURES, FinetuneConfig
+from medssl_kit.train.finetune_models import build_model
 
 FACTORS = ("organ", "position", "intensity")
 
