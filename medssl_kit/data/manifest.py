@@ -32,7 +32,6 @@ DEFAULT_MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 USES: tuple[str, ...] = ("pretrain", "finetune")
 PRETRAIN_SPLITS: tuple[str, ...] = ("pretrain", "train")
 FINETUNE_SPLITS: tuple[str, ...] = ("train", "test")
-USE_NAMES: dict[str, str] = {"pretrain": "pre-training", "finetune": "fine-tuning"}
 MANIFEST_FILENAME = "manifest.json"
 
 _TOP_KEYS = (
