@@ -75,6 +75,16 @@ class PretrainMethod(nn.Module):
             )
         return {**known, **self.cfg}
 
+    def view_size(self) -> tuple[int, ...]:
+        """The spatial size of the views the loop cuts for this method: ``patch_size`` for a 3D
+        backbone, ``crop_size`` for a 2D one (:data:`LOOP_KEYS`), as ``spatial_dims`` ints."""
+        dims = self.backbone.spatial_dims
+        size = self.cfg.get("patch_size" if dims == 3 else "crop_size")
+        if size is None:
+            key = "patch_size" if dims == 3 else "crop_size"
+            raise MedsslError(f"{self.name} ({dims}D) needs the view size: set {key}")
+        return tuple(int(s) for s in size)[-dims:]
+
     @classmethod
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """Settings for ``profile`` and dims: the method's own keys and loop overrides

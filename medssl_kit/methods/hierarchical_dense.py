@@ -176,10 +176,7 @@ class HierarchicalDense(PretrainMethod):
         super().__init__(backbone, cfg)
         self.cfg = cfg = self.resolve_settings(self.defaults)
         self.dims = backbone.spatial_dims
-        size = cfg.get("patch_size") if self.dims == 3 else cfg.get("crop_size")
-        if size is None:
-            raise MedsslError(f"{self.name} ({self.dims}D) needs the crop size")
-        self.crop = tuple(int(s) for s in size)[-self.dims :]
+        self.crop = self.view_size()
         levels = getattr(backbone, "n_levels", None)
         if levels is not None and min(self.crop) < 2 ** (levels - 1):
             raise MedsslError(

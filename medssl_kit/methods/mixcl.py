@@ -182,10 +182,7 @@ class MixCL(PretrainMethod):
         super().__init__(backbone, cfg)
         self.cfg = cfg = self.resolve_settings(SETTINGS)
         self.dims = backbone.spatial_dims
-        size = cfg.get("patch_size") if self.dims == 3 else cfg.get("crop_size")
-        if size is None:
-            raise MedsslError(f"mixcl ({self.dims}D) needs the patch size (crop_size/patch_size)")
-        self.patch = tuple(int(s) for s in size)[-self.dims :]
+        self.patch = self.view_size()
         fixed = getattr(backbone, "img_size", None)
         if fixed is not None and list(self.patch) != list(fixed):
             raise MedsslError(
