@@ -259,6 +259,27 @@ def test_dropout_only_in_decoder_and_mc_controllable(name: str) -> None:
         torch.testing.assert_close(net(x), net(x))
 
 
+@pytest.mark.parametrize("name", ["unet", "resunet"])
+def test_dropout_levels_keep_dropout_in_the_last_decoder_blocks_only(name: str) -> None:
+    full, _ = small(name, 2, dropout=0.5)
+    blocks = full.decoder if name == "unet" else full.decoder.blocks
+    per_block = len(full.dropout_layers) // len(blocks)
+    for levels in (1, 2, len(blocks)):
+        net, _ = small(name, 2, dropout=0.5, dropout_levels=levels)
+        names = [n for n, m in net.named_modules() if isinstance(m, nn.Dropout)]
+        assert len(names) == per_block * levels == len(net.dropout_layers)
+        first = len(blocks) - levels  # deepest-first: only blocks first.. keep dropout
+        prefix = "decoder." if name == "unet" else "decoder.blocks."
+        assert {int(n[len(prefix) :].split(".")[0]) for n in names} == set(
+            range(first, len(blocks))
+        )
+        assert net.config["dropout_levels"] == levels
+        # the weights are those of the network with dropout everywhere
+        assert net.state_dict().keys() == full.state_dict().keys()
+    with pytest.raises(ValueError, match="dropout_levels"):
+        small(name, 2, dropout=0.5, dropout_levels=len(blocks) + 1)
+
+
 def test_no_active_dropout_without_dropout() -> None:
     unet, _ = small("unet", 2)
     assert unet.dropout_layers == []
@@ -497,15 +518,20 @@ def test_dense_heads(dims: int) -> None:
 
 
 @pytest.mark.parametrize("skips", [True, False])
-def test_decode_passes_is_decode_of_the_repeated_features(skips):
-    # odd sizes: max-pooling floors, the upsampled maps are padded back
+@pytest.mark.parametrize("dropout_levels", [None, 2])
+def test_pass_decoder_is_decode_of_the_repeated_features(skips, dropout_levels):
+    # odd sizes: max-pooling floors, the upsampled maps are padded back; dropout modules in the
+    # last blocks (inactive here) move where the passes start to differ
     torch.manual_seed(0)
-    net = build_backbone("unet", 2, 1, 3, channels=(4, 8, 8, 16, 16), skips=skips).eval()
+    kw = {"dropout": 0.3, "dropout_levels": dropout_levels}
+    net = build_backbone("unet", 2, 1, 3, channels=(4, 8, 8, 16, 16), skips=skips, **kw).eval()
     with torch.no_grad():
         feats = net.encode(torch.rand(3, 1, 40, 36))
-        repeated = net.decode([f.repeat(4, 1, 1, 1) for f in feats])[0][-1]
-        passes = net.decode_passes(feats, 4)
-    assert passes.shape == (12, 4, 40, 36)
-    torch.testing.assert_close(passes, repeated, rtol=0, atol=1e-6)
+        decode = net.pass_decoder(feats)
+        for passes in (4, 1):  # one preparation, several calls
+            repeated = net.decode([f.repeat(passes, 1, 1, 1) for f in feats])[0][-1]
+            got = decode(passes)
+            assert got.shape == (3 * passes, 4, 40, 36)
+            torch.testing.assert_close(got, repeated, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="encoder features"):
-        net.decode_passes(feats[1:], 2)
+        net.pass_decoder(feats[1:])

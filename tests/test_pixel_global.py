@@ -26,9 +26,10 @@ TINY = {"channels": (4, 8, 8, 8, 8), "dropout": 0.2}
 SMALL_HEADS = {"global_hidden": 16, "global_dim": 8, "pixel_hidden": 8, "pixel_dim": 6}
 
 
-def make_method(dropout: float = 0.2, **cfg) -> PixelGlobal:
+def make_method(dropout: float = 0.2, dropout_levels: int | None = None, **cfg) -> PixelGlobal:
     torch.manual_seed(0)
-    net = build_backbone("unet", 2, 1, 2, **{**TINY, "dropout": dropout})
+    kw = {**TINY, "dropout": dropout, "dropout_levels": dropout_levels}
+    net = build_backbone("unet", 2, 1, 2, **kw)
     return PixelGlobal(net, {"crop_size": (32, 32), **SMALL_HEADS, **cfg})
 
 
@@ -401,8 +402,9 @@ def test_every_pixel_meets_the_teachers_output_at_its_own_anatomical_point(monke
     assert (partner - own).abs().amax(1)[valid].mean() > 2.0  # the views do differ
 
 
-def test_batched_mc_dropout_equals_a_loop_of_single_passes():
-    method = make_method(mc_samples=20).eval()
+@pytest.mark.parametrize("dropout_levels", [None, 1])
+def test_batched_mc_dropout_equals_a_loop_of_single_passes(dropout_levels):
+    method = make_method(mc_samples=20, dropout_levels=dropout_levels).eval()
     x = torch.stack(images(2, size=32))
     feats = method.teacher["backbone"].encode(x)
     rng = torch.get_rng_state()
@@ -494,6 +496,20 @@ def test_gpu_setting_is_the_papers_resunet50_with_lars_and_warm_up():
     assert gpu.method_cfg["mc_chunk"] is None  # all MC passes in one decoder call on a GPU
     cpu = PretrainConfig(method="pixel_global", profile="cpu").resolved()
     assert cpu.method_cfg["mc_chunk"] == 1  # on a CPU one pass per call is faster
+
+
+@pytest.mark.parametrize("profile", ["smoke", "laptop", "cpu"])
+def test_cpu_profiles_estimate_uncertainty_from_the_last_decoder_block_and_8_passes(profile):
+    gpu = PretrainConfig(method="pixel_global", profile="gpu").resolved()
+    assert gpu.method_cfg["mc_samples"] == 20  # the paper's estimate
+    paper = build_backbone(gpu.backbone, 2, 1, 2, **gpu.backbone_kwargs)
+    assert len(paper.dropout_layers) == 2 * len(paper.decoder.blocks)  # every decoder block
+    cfg = PretrainConfig(method="pixel_global", profile=profile).resolved()
+    assert cfg.method_cfg["mc_samples"] == 8
+    net = build_backbone(cfg.backbone, 2, 1, 2, **cfg.backbone_kwargs)
+    last = len(net.decoder) - 1
+    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert names and all(n.startswith(f"decoder.{last}.") for n in names)
 
 
 def test_bad_settings():

@@ -102,6 +102,16 @@ Choices the paper leaves open (or gets wrong), and why
   still batches the ``2B`` views): on one CPU core at the ``cpu`` profile (16 views of 96²) one
   call of all 20 passes took 8–12 s against 2.6–3.6 s for 20 calls of one pass, because the 20×
   larger activations (~0.4 GB each) fall out of cache and memory traffic dominates.
+- **The CPU profiles' cheaper estimate** (:data:`CPU_MC`). Even so, 20 passes through the whole
+  decoder made a ``cpu`` step ×2.85–3.12 the step without uncertainty (benchmarks/RESULTS.md).
+  The CPU profiles therefore put the dropout in the last decoder block only (``dropout_levels=1``,
+  as UA-MT, the paper's ref. 23, drops out just before its output layer), so everything before it
+  runs once for all passes (``UNet.pass_decoder``), and take 8 passes: ×1.24 (20 passes with
+  last-block dropout alone: ×2.37). Measured on the trained Ours run's teacher
+  (benchmarks/bench_mc_uncertainty.py, 32 test slices): this ``U`` correlates with the paper's
+  estimate (every level, 20 passes) at r = 0.972, mean |ΔU| 0.036 for a mean ``U`` of 0.44
+  (two draws of the paper's estimate: r = 0.999, 0.005). The ``gpu`` profile keeps the paper's
+  estimate.
 - **Student dropout.** The backbone has decoder dropout (needed for MC dropout, default 0.1);
   the student trains with it active, the teacher's targets are computed with it off.
 - **Views.** ``sample_view_pair`` at ``crop_size`` pixels (``gpu``: 224² as in the paper; CPU
@@ -124,9 +134,10 @@ Choices the paper leaves open (or gets wrong), and why
   in the method only (measured at ``cpu``, GP at one labelled case: the paper's LARS, with the
   ``unet`` or the ResUNet50, fine-tunes no better than scratch in the same network; see
   docs/results.md).
-  The uncertainty weighting makes this method the dearest per step (×3 with the 20 passes), so
-  at ``cpu`` it trains 400 steps on 64² views (:data:`CPU_BUDGET`) to stay within the profile's
-  10-minute pre-training budget; the other methods run the profile's 1000 steps on 96² views.
+  The uncertainty weighting made this method the dearest per step (×3 with 20 passes through
+  the whole decoder), so at ``cpu`` it trains 400 steps on 64² views (:data:`CPU_BUDGET`) within
+  the profile's 10-minute pre-training budget; the other methods run the profile's 1000 steps on
+  96² views.
 - **Several processes** (DDP, ``--nproc N``; :mod:`medssl_kit.distributed`): as DINO across
   GPUs, the centres are updated with the teacher logits' mean over all ranks
   (:func:`~medssl_kit.losses.pixel_global.updated_center`) and the global heads' batch norm
@@ -138,7 +149,7 @@ Choices the paper leaves open (or gets wrong), and why
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -204,6 +215,9 @@ SETTINGS: dict[str, Any] = {
 # paper's 20 MC-dropout passes, 400 steps. Measured with benchmarks/bench_pretrain.py on a quiet
 # 2-core machine: 1.36 s/step (64², 20 passes) against 3.5 s/step at the profile's 96² crops.
 CPU_BUDGET: dict[str, Any] = {"steps": 400, "crop_size": (64, 64)}
+# The CPU profiles' MC-dropout estimate (docstring "The CPU profiles' cheaper estimate"): dropout
+# in the last decoder block only, 8 passes.
+CPU_MC: dict[str, Any] = {"dropout_levels": 1, "mc_samples": 8}
 DROPOUT = 0.1
 UNCERTAINTY_MEASURES = ("entropy", "mutual_information")
 
@@ -325,10 +339,11 @@ class PixelGlobal(PretrainMethod):
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """The method's settings and, for ``gpu``, the paper's loop settings (see the docstring)."""
         settings = {**SETTINGS, "base_momentum": None}  # the run's (methods.ema.ema_base)
+        cpu_mc = {"mc_chunk": 1, "mc_samples": CPU_MC["mc_samples"]}
         if profile == "cpu":
-            return {**settings, "mc_chunk": 1, **CPU_BUDGET}
+            return {**settings, **cpu_mc, **CPU_BUDGET}
         if profile != "gpu":
-            return {**settings, "mc_chunk": 1}
+            return {**settings, **cpu_mc}
         warmup = round(get_profile(profile).pretrain.steps * 2 / 500)
         return {
             **settings,
@@ -349,8 +364,11 @@ class PixelGlobal(PretrainMethod):
     def backbone_kwargs(cls, profile: str, spatial_dims: int, backbone: str) -> dict[str, Any]:
         """Decoder dropout for MC dropout, on the profile's fine-tuning network
         (:func:`~medssl_kit.config.architecture_kwargs`: at ``gpu`` the ``resunet`` is the
-        paper's ResUNet50)."""
-        return {"dropout": DROPOUT}
+        paper's ResUNet50); in every decoder block at ``gpu``, in the last one on the CPU
+        profiles (:data:`CPU_MC`)."""
+        if profile == "gpu":
+            return {"dropout": DROPOUT}
+        return {"dropout": DROPOUT, "dropout_levels": CPU_MC["dropout_levels"]}
 
     @property
     def uses_stabilizer(self) -> bool:
@@ -533,10 +551,11 @@ class PixelGlobal(PretrainMethod):
         entropy = torch.zeros(())
         try:
             with norm_stats.replaying() if norm_stats else nullcontext():
+                decode = self._pass_decoder(encoder_feats)
                 for first in range(0, samples, chunk):
                     masks.generators = generators[first : first + chunk]
                     passes = len(masks.generators)
-                    logits = teacher["pixel_head"](self._decode_passes(encoder_feats, passes))
+                    logits = teacher["pixel_head"](decode(passes))
                     probs = L.teacher_probs(
                         logits, self.center_pixel, self.cfg["pixel_teacher_temp"]
                     ).unflatten(0, (passes, n))
@@ -550,15 +569,16 @@ class PixelGlobal(PretrainMethod):
             return L.mutual_information(total / samples, entropy / samples)
         return L.predictive_entropy(total / samples)
 
-    def _decode_passes(self, encoder_feats: Sequence[Tensor], passes: int) -> Tensor:
-        """The teacher decoder's last map for ``passes`` repetitions of the features' rows (the
-        backbone's ``decode_passes`` where it has one: the pass-invariant skip convolutions are
-        computed once)."""
+    def _pass_decoder(self, encoder_feats: Sequence[Tensor]) -> Callable[[int], Tensor]:
+        """``passes → `` the teacher decoder's last map for that many repetitions of the
+        features' rows (the backbone's ``pass_decoder`` where it has one: what every pass shares
+        is computed once)."""
         backbone = self.teacher["backbone"]
-        if hasattr(backbone, "decode_passes"):
-            return backbone.decode_passes(encoder_feats, passes)
-        repeated = [f.repeat(passes, *([1] * (f.ndim - 1))) for f in encoder_feats]
-        return backbone.decode(repeated)[0][-1]
+        if hasattr(backbone, "pass_decoder"):
+            return backbone.pass_decoder(encoder_feats)
+        return lambda passes: backbone.decode(
+            [f.repeat(passes, *([1] * (f.ndim - 1))) for f in encoder_feats]
+        )[0][-1]
 
     @torch.no_grad()
     def uncertainty_map(self, images: Tensor, seed: int = 0, batch_size: int = 8) -> Tensor:

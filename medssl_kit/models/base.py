@@ -82,6 +82,20 @@ class BackboneMixin:
             if isinstance(module, _DROPOUT_TYPES) and name.startswith(self.decoder_prefixes)
         ]
 
+    @staticmethod
+    def _keep_dropout_in_last(blocks: nn.ModuleList, levels: int | None) -> None:
+        """Leave dropout in the last ``levels`` of the decoder ``blocks`` (deepest first) only:
+        every dropout module of the earlier blocks becomes an identity. ``None`` keeps all."""
+        if levels is None:
+            return
+        if not 1 <= levels <= len(blocks):
+            raise ValueError(f"dropout_levels must be in 1..{len(blocks)} or None, got {levels}")
+        for block in list(blocks)[: len(blocks) - levels]:
+            for name, module in list(block.named_modules()):
+                if isinstance(module, _DROPOUT_TYPES):
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(block.get_submodule(parent), leaf, nn.Identity())
+
     def set_mc_dropout(self, active: bool) -> None:
         """Switch the decoder's dropout on (``True``) or off without touching any other layer.
 

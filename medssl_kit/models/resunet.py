@@ -61,6 +61,8 @@ class ResUNet(BackboneMixin, FlexibleUNet):
         act: decoder activation (MONAI name or ``(name, kwargs)``).
         dropout: dropout probability in every decoder convolution (MC dropout); the encoder has
             none.
+        dropout_levels: how many decoder blocks, nearest the output, carry that dropout
+            (``None``: all five).
 
     Every spatial side of the input must be a multiple of 32 (five 2× downsamplings).
     """
@@ -82,6 +84,7 @@ class ResUNet(BackboneMixin, FlexibleUNet):
         norm_groups: int = 8,
         act: str | tuple = "relu",
         dropout: float = 0.0,
+        dropout_levels: int | None = None,
     ) -> None:
         if backbone not in RESNET_BACKBONES:
             raise ValueError(f"backbone must be one of {RESNET_BACKBONES}, got {backbone!r}")
@@ -117,6 +120,7 @@ class ResUNet(BackboneMixin, FlexibleUNet):
             "norm_groups": norm_groups,
             "act": act,
             "dropout": dropout,
+            "dropout_levels": dropout_levels,
         }
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -125,6 +129,7 @@ class ResUNet(BackboneMixin, FlexibleUNet):
         self.decoder_channels = decoder_channels
         if not skips:
             self._drop_skip_connections(norm_arg, act, dropout)
+        self._keep_dropout_in_last(self.decoder.blocks, dropout_levels)
 
     def _drop_skip_connections(self, norm: str | tuple, act: str | tuple, dropout: float) -> None:
         """Rebuild the decoder blocks without skip inputs (same widths, same upsampling)."""

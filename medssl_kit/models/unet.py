@@ -25,7 +25,7 @@ With ``skips=True`` and five levels the module tree is, key for key, MONAI's ``B
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -143,6 +143,9 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
         dropout: element-wise dropout probability inside every decoder convolution (after the
             norm, before the activation); ``0`` puts no dropout module anywhere. Used for MC
             dropout (see :attr:`dropout_layers`, :meth:`set_mc_dropout`).
+        dropout_levels: how many decoder blocks, nearest the output, carry that dropout
+            (``None``: every block). Fewer makes MC dropout cheaper: :meth:`pass_decoder`
+            computes everything before the first dropout once for all passes.
 
     Inputs may have any spatial size with every side ≥ ``2**(len(channels)-1)``; the output
     has the input's size.
@@ -164,6 +167,7 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
         norm_groups: int = 8,
         act: str | tuple = "relu",
         dropout: float = 0.0,
+        dropout_levels: int | None = None,
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
@@ -186,6 +190,7 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
             "norm_groups": norm_groups,
             "act": act,
             "dropout": dropout,
+            "dropout_levels": dropout_levels,
         }
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -220,6 +225,7 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
                 )
             )
         self.decoder = nn.ModuleList(blocks)
+        self._keep_dropout_in_last(self.decoder, dropout_levels)
         self.head = Conv["conv", spatial_dims](channels[0], out_channels, kernel_size=1)
 
     def decode(self, encoder_feats: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
@@ -242,36 +248,59 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
             decoded.append(x)
         return decoded, self.head(x)
 
-    def decode_passes(self, encoder_feats: Sequence[Tensor], passes: int) -> Tensor:
-        """The last decoder map of ``passes`` repetitions of the rows of ``encoder_feats``,
-        ``[passes · N, C, *S]`` (pass-major), computed as ``decode`` of the features repeated
-        ``passes`` times along the batch axis would — without repeating them.
+    def pass_decoder(self, encoder_feats: Sequence[Tensor]) -> Callable[[int], Tensor]:
+        """For Monte-Carlo dropout, where only the decoder's dropout makes passes differ: what
+        is the same in every pass, computed once, and a function ``passes → [passes · N, C, *S]``,
+        the last decoder map of that many repetitions of the features' rows (pass-major), as
+        ``decode`` of the features repeated along the batch axis would give.
 
-        For Monte-Carlo dropout, where only the decoder's dropout makes passes differ: the part
-        of each block's first convolution that reads the encoder's skip feature is the same in
-        every pass (a convolution of ``[skip, up]`` is one of ``skip`` plus one of ``up``), so it
-        is computed once on the ``N`` rows and broadcast over the passes, and the skip features
-        are never copied. Equal to ``decode`` up to the order of floating-point sums.
+        Computed once on the ``N`` rows: the blocks before the first dropout (see
+        ``dropout_levels``), that block's first convolution and norm, and in every later block
+        the part of the first convolution that reads the encoder's skip feature (a convolution
+        of ``[skip, up]`` is one of ``skip`` plus one of ``up``), so skip features are never
+        copied. The function may be called many times (a chunk of passes per call). Equal to
+        ``decode`` up to the order of floating-point sums.
         """
         if len(encoder_feats) != self.n_levels:
             raise ValueError(
-                f"decode_passes() needs {self.n_levels} encoder features, got {len(encoder_feats)}"
+                f"pass_decoder() needs {self.n_levels} encoder features, got {len(encoder_feats)}"
             )
-        x = encoder_feats[-1].repeat(passes, *([1] * (encoder_feats[-1].ndim - 1)))
-        for j, block in enumerate(self.decoder):
-            ref = encoder_feats[self.n_levels - 2 - j]
-            up = pad_to_match(block.upsample(x), ref.shape[2:])
-            first, second = block.convs.conv_0, block.convs.conv_1
-            if self.skips:
-                conv = first.conv
-                skip_weight, up_weight = conv.weight.split([block.skip_channels, up.shape[1]], 1)
-                fixed = conv._conv_forward(ref, skip_weight, conv.bias)  # once for all passes
-                moving = conv._conv_forward(up, up_weight, None)
-                y = (moving.unflatten(0, (passes, -1)) + fixed).flatten(0, 1)
-                x = second(first.adn(y))
-            else:
-                x = block.convs(up)
-        return x
+        blocks = list(self.decoder)
+        refs = [encoder_feats[self.n_levels - 2 - j] for j in range(len(blocks))]
+        dropping = [any(isinstance(m, nn.Dropout) for m in b.modules()) for b in blocks]
+        start = dropping.index(True) if any(dropping) else len(blocks)
+        x = encoder_feats[-1]
+        for block, ref in zip(blocks[:start], refs, strict=False):
+            x = block(x, ref if self.skips else None, ref.shape[2:])
+        if start == len(blocks):  # no dropout anywhere: every pass is the same
+            return lambda passes: x.repeat(passes, *([1] * (x.ndim - 1)))
+        block, ref = blocks[start], refs[start]
+        up = pad_to_match(block.upsample(x), ref.shape[2:])
+        first = block.convs.conv_0
+        normed = first.adn.N(first.conv(torch.cat([ref, up], 1) if self.skips else up))
+        skip_parts = {}
+        if self.skips:
+            for j in range(start + 1, len(blocks)):
+                conv = blocks[j].convs.conv_0.conv
+                weight = conv.weight[:, : blocks[j].skip_channels]
+                skip_parts[j] = conv._conv_forward(refs[j], weight, conv.bias)
+
+        def passes_of(passes: int) -> Tensor:
+            y = normed.repeat(passes, *([1] * (normed.ndim - 1)))
+            h = block.convs.conv_1(first.adn.A(first.adn.D(y)))
+            for j in range(start + 1, len(blocks)):
+                later = blocks[j]
+                up = pad_to_match(later.upsample(h), refs[j].shape[2:])
+                if not self.skips:
+                    h = later.convs(up)
+                    continue
+                conv = later.convs.conv_0.conv
+                moving = conv._conv_forward(up, conv.weight[:, later.skip_channels :], None)
+                y = (moving.unflatten(0, (passes, -1)) + skip_parts[j]).flatten(0, 1)
+                h = later.convs.conv_1(later.convs.conv_0.adn(y))
+            return h
+
+        return passes_of
 
     def embed_nonskip_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A non-skip UNet's weights fitted to this UNet with skips, computing the same function.

@@ -66,12 +66,13 @@ def read_transferable(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# Backbone options that are not structure: training-time dropout (pixel_global's MC dropout),
-# the logits' width and the ``fpn``'s head kind (the head never transfers: the linear and
-# non-linear fine-tuning modes put their own on any FPN run) and, for a non-skip ``unet``,
-# ``skips`` (its weights embed into the skip UNet,
+# Backbone options that are not structure: training-time dropout (pixel_global's MC dropout,
+# and the decoder levels that carry it), the logits' width and the ``fpn``'s head kind (the
+# head never transfers: the linear and non-linear fine-tuning modes put their own on any FPN
+# run) and, for a non-skip ``unet``, ``skips`` (its weights embed into the skip UNet,
 # :meth:`~medssl_kit.models.unet.UNet.embed_nonskip_state`).
-_NOT_STRUCTURE = ("dropout", "out_channels", "head")
+_TRAINING_ONLY = ("dropout", "dropout_levels")
+_NOT_STRUCTURE = (*_TRAINING_ONLY, "out_channels", "head")
 
 
 def architecture(config: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def architecture_kwargs_of(run: str | Path) -> tuple[str, dict[str, Any]]:
     kwargs = {
         k: v
         for k, v in config.items()
-        if k not in ("spatial_dims", "in_channels", "out_channels", "dropout")
+        if k not in ("spatial_dims", "in_channels", "out_channels", *_TRAINING_ONLY)
     }
     if "skips" in kwargs:
         kwargs["skips"] = True
