@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -423,6 +424,21 @@ def test_batches_built_in_worker_processes_are_the_same(tiny_phantom, tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_worker_exits_without_the_interpreter_teardown(world):
+    # issue 37: a finished gloo rank aborted in the interpreter's teardown; a worker of several
+    # skips it (exit handlers never run), with its output flushed and its exit code kept
+    script = (
+        "import atexit, sys; atexit.register(lambda: print('teardown ran'));"
+        "from medssl_kit.train.distributed import exit_process;"
+        "print('done', end=''); print('warn', end='', file=sys.stderr); exit_process(3)"
+    )
+    env = {**os.environ, "WORLD_SIZE": world}
+    ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert ran.returncode == 3 and ran.stderr == "warn"
+    assert ran.stdout == ("done" if world == "2" else "doneteardown ran\n")
+
+
 def test_failure_message_blames_the_rank_that_failed_first(tmp_path):
     class Failure:
         def __init__(self, exitcode):
@@ -539,4 +555,4 @@ if __name__ == "__main__":  # a worker of the launcher tests (see the module doc
             step_end(self, step, max_steps)
 
         method_cls.on_step_end = failing
-    sys.exit(main(sys.argv[1:]))
+    D.exit_process(main(sys.argv[1:]))
