@@ -1,0 +1,37 @@
+"""The tables of docs/results.md for issue 33 §4 (MixCL on the shared UNet), from the run folders.
+
+    python docs/results/i33/analyse.py [--copy]
+
+At 1 and at 2 labelled cases: scratch, MixCL pre-trained on the partially labelled pool (it uses
+the pool's labels) and the supervised start on the same pool's labels, each against scratch, and
+MixCL against the supervised start (../paired_tables.py). Scratch at 1 case is issue 32's run
+(data/phantom-pool's train/val/test are data/phantom's, byte for byte). ``--copy`` puts every
+run's results.csv / summary.json under docs/results/.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paired_tables import comparison_table, copy_records  # noqa: E402
+
+SCRATCH = {1: "runs/i32/ft/scratch", 2: "runs/i33/ft/scratch"}
+MIXCL, SUP = "runs/i33/ft/mixcl-unet", "runs/i33/ft/sup-pool"
+
+
+def rows(labeled: int) -> list[tuple[str, str, str | None]]:
+    scratch = SCRATCH[labeled]
+    return [
+        ("scratch", scratch, None),
+        ("mixcl (unet; uses the pool's labels)", MIXCL, scratch),
+        ("supervised start on the pool's labels", SUP, scratch),
+        ("mixcl against the supervised start", MIXCL, SUP),
+    ]
+
+
+if __name__ == "__main__":
+    for labeled in (1, 2):
+        print(f"\n{labeled} labelled case(s):")
+        print("\n".join(comparison_table(rows(labeled), labeled)))
+    if "--copy" in sys.argv:
+        copy_records(["runs/i33"])

@@ -1,0 +1,85 @@
+"""The eight-seed protocol's tables (docs/results.md) from run folders; used by each issue's
+``analyse.py`` beside it.
+
+Organ Dice is the mean over organs 1-6 of each test case, then over the cases of a seed; each
+start is compared with its baseline by the paired Wilcoxon tests of
+``medssl_kit.evaluate.results.paired_wilcoxon`` over (case, seed) pairs and over seeds, and by
+the seeds ahead.
+"""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from medssl_kit.evaluate.results import load_results, paired_wilcoxon
+
+ORGANS = [1, 2, 3, 4, 5, 6]
+
+
+def frame(folder: str, label: str, labeled: int | None = None) -> pd.DataFrame | None:
+    """Every results.csv under ``folder`` (``labeled-<n>_seed-<s>`` runs; only ``labeled``
+    cases where given), tagged ``method=label``; ``None`` when there is none."""
+    pattern = f"labeled-{labeled}_seed-*" if labeled else "labeled-*"
+    parts = [load_results(f) for f in sorted(Path(folder).glob(f"{pattern}/results.csv"))]
+    if not parts:
+        return None
+    df = pd.concat(parts)
+    df["method"] = label
+    return df
+
+
+def per_seed(df: pd.DataFrame, labeled: int = 1) -> pd.Series:
+    d = df[(df.labeled == labeled) & df.class_id.isin(ORGANS)]
+    return d.groupby(["seed", "case"]).dice.mean().groupby("seed").mean()
+
+
+def p_text(test: dict) -> str:
+    p = test["p_value"]
+    return "–" if p is None or p != p else f"{p:.3g}"
+
+
+def comparison_table(rows: list[tuple[str, str, str | None]], labeled: int = 1) -> list[str]:
+    """Markdown rows for ``(label, folder, baseline folder or None)`` at ``labeled`` cases; a
+    start is compared over the seeds both it and its baseline have."""
+    out = [
+        "| start | organ Dice | per seed | p over pairs | p over seeds | seeds ahead | against |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, folder, base in rows:
+        df = frame(folder, "x", labeled)
+        if df is None:
+            continue
+        s = per_seed(df, labeled)
+        seeds = "/".join(str(int(k)) for k in s.index)
+        cells = (
+            f"| {label} | {s.mean():.3f} ± {s.std():.3f} (seeds {seeds}) | "
+            f"{' / '.join(f'{v:.3f}' for v in s)}"
+        )
+        other = frame(base, "base", labeled) if base else None
+        if other is None:
+            out.append(f"{cells} | – | – | – | – |")
+            continue
+        shared = set(df.seed) & set(other.seed)
+        both = pd.concat([df[df.seed.isin(shared)], other[other.seed.isin(shared)]])
+        pairs = paired_wilcoxon(both, "x", "base", "dice", labeled, classes=ORGANS)
+        by_seed = paired_wilcoxon(both, "x", "base", "dice", labeled, classes=ORGANS, unit="seed")
+        worse = " worse" if (pairs["median_difference"] or 0) < 0 else ""
+        out.append(
+            f"{cells} | {p_text(pairs)}{worse} ({pairs['n_pairs']}) | {p_text(by_seed)} | "
+            f"{by_seed['n_ahead']}/{by_seed['n_pairs']} | {Path(base).name} |"
+        )
+    return out
+
+
+def copy_records(roots: list[str], extra: tuple[str, ...] = ()) -> None:
+    """Every run's results.csv and summary.json under ``roots`` (and files matching the
+    ``extra`` glob patterns) into docs/results/, at the same path below ``runs/``."""
+    for root in roots:
+        files = [*Path(root).rglob("results.csv"), *Path(root).rglob("summary.json")]
+        for pattern in extra:
+            files += list(Path(root).rglob(pattern))
+        for f in files:
+            dest = Path("docs/results") / f.relative_to("runs")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
