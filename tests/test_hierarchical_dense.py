@@ -162,6 +162,15 @@ def test_both_methods_run_at_smoke_in_2d_and_3d(name, dims, tiny_phantom, tmp_pa
     check_transferable_fits(header, built, "run")
 
 
+@pytest.mark.parametrize("cls", [Vox2Vec, HierarchicalDense])
+def test_cpu_profile_trains_3d_within_its_budget_and_2d_at_the_profiles_steps(cls):
+    three = PretrainConfig(method=cls.name, profile="cpu", dims=3).resolved()
+    assert three.steps == cls.cpu_steps_3d and three.batch_size == 2
+    two = PretrainConfig(method=cls.name, profile="cpu", dims=2).resolved()
+    assert two.steps == PretrainConfig(method="simsiam", profile="cpu", dims=2).resolved().steps
+    assert PretrainConfig(method=cls.name, profile="smoke", dims=3).resolved().steps < 50
+
+
 def test_bad_settings_get_clear_errors(tiny_phantom, tmp_path):
     backbone = build_backbone("fpn", 3, 1, 3, n_levels=5, base_channels=4)
     with pytest.raises(MedsslError, match=r"coarsest level.*2\*\*4 = 16"):

@@ -166,6 +166,9 @@ class HierarchicalDense(PretrainMethod):
     """
 
     name = "hierarchical_dense"
+    # The cpu profile's 10-minute budget on 2 cores: a 3D step (fpn, 2 pairs of the profile's
+    # patches) took 3.84 s of wall time (benchmarks/RESULTS.md, 2026-12-06), so 156 steps.
+    cpu_steps_3d: ClassVar[int] = 156
     spatial_dims = (3, 2)
     dataset_kind = "volumes"
     default_backbone = "fpn"
@@ -205,10 +208,12 @@ class HierarchicalDense(PretrainMethod):
     @classmethod
     def default_config(cls, profile: str, spatial_dims: int) -> dict[str, Any]:
         """Adam 3e-4 at a constant rate, gradient clipping 1.0 (both papers); 3D batches of 2
-        pairs off the GPU."""
+        pairs off the GPU; at ``cpu`` in 3D, ``cpu_steps_3d`` steps (its 10-minute budget)."""
         loop: dict[str, Any] = {}
         if spatial_dims == 3 and profile != "gpu":
             loop["batch_size"] = 2
+        if spatial_dims == 3 and profile == "cpu":
+            loop["steps"] = cls.cpu_steps_3d
         return {
             **loop,
             **cls.defaults,
@@ -343,4 +348,5 @@ class Vox2Vec(HierarchicalDense):
     switches stay settings, e.g. for the paper's ablation on top of vox2vec)."""
 
     name = "vox2vec"
+    cpu_steps_3d: ClassVar[int] = 185  # 3.25 s of wall time per 3D step at cpu: 10 minutes
     defaults: ClassVar[dict[str, Any]] = {**SETTINGS, "aug": False, "arch": False, "recon": False}
