@@ -4,9 +4,11 @@
 
 At 1 and at 2 labelled cases: scratch, MixCL pre-trained on the partially labelled pool (it uses
 the pool's labels) and the supervised start on the same pool's labels, each against scratch, and
-MixCL against the supervised start (../paired_tables.py). Scratch at 1 case is issue 32's run
-(data/phantom-pool's train/val/test are data/phantom's, byte for byte). ``--copy`` puts every
-run's results.csv / summary.json under docs/results/.
+MixCL against the supervised start (../paired_tables.py); MixCL with the label term weighted
+alpha = 10 instead of the paper's 0.01 (gradient_share.py: at 0.01 it barely reaches the
+encoder). Scratch at 1 case is issue 32's run (data/phantom-pool's train/val/test are
+data/phantom's, byte for byte). ``--copy`` puts every run's results.csv / summary.json under
+docs/results/.
 """
 
 import sys
@@ -17,6 +19,7 @@ from paired_tables import comparison_table, copy_records  # noqa: E402
 
 SCRATCH = {1: "runs/i32/ft/scratch", 2: "runs/i33/ft/scratch"}
 MIXCL, SUP = "runs/i33/ft/mixcl-unet", "runs/i33/ft/sup-pool"
+MIXCL_A10 = "runs/i33/ft/mixcl-unet-a10"
 
 
 def rows(labeled: int) -> list[tuple[str, str, str | None]]:
@@ -26,6 +29,9 @@ def rows(labeled: int) -> list[tuple[str, str, str | None]]:
         ("mixcl (unet; uses the pool's labels)", MIXCL, scratch),
         ("supervised start on the pool's labels", SUP, scratch),
         ("mixcl against the supervised start", MIXCL, SUP),
+        ("mixcl, alpha = 10", MIXCL_A10, scratch),
+        ("mixcl, alpha = 10, against the supervised start", MIXCL_A10, SUP),
+        ("mixcl, alpha = 10, against alpha = 0.01", MIXCL_A10, MIXCL),
     ]
 
 
