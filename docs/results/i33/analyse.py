@@ -8,9 +8,10 @@ MixCL against the supervised start (../paired_tables.py); MixCL with the label t
 alpha = 10 instead of the paper's 0.01 (gradient_share.py: at 0.01 it barely reaches the
 encoder). Scratch at 1 case is issue 32's run (data/phantom-pool's train/val/test are
 data/phantom's, byte for byte). ``--copy`` puts every run's results.csv / summary.json under
-docs/results/.
+docs/results/, with the cluster readings.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,9 +36,19 @@ def rows(labeled: int) -> list[tuple[str, str, str | None]]:
     ]
 
 
+def cluster_lines() -> list[str]:
+    """``medssl clusters`` NMIs (organ / position / intensity) of each start's frozen features."""
+    lines = []
+    for f in sorted(Path("runs/i33/clusters").glob("*.json")):
+        nmi = json.loads(f.read_text()).get("nmi", {})
+        lines.append(f"{f.stem}: " + ", ".join(f"{k} {v:.3f}" for k, v in nmi.items()))
+    return lines
+
+
 if __name__ == "__main__":
     for labeled in (1, 2):
         print(f"\n{labeled} labelled case(s):")
         print("\n".join(comparison_table(rows(labeled), labeled)))
+    print("\n" + "\n".join(cluster_lines()))
     if "--copy" in sys.argv:
-        copy_records(["runs/i33"])
+        copy_records(["runs/i33"], extra=("clusters/*.json",))
