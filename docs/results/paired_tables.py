@@ -7,6 +7,7 @@ start is compared with its baseline by the paired Wilcoxon tests of
 the seeds ahead.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -83,3 +84,12 @@ def copy_records(roots: list[str], extra: tuple[str, ...] = ()) -> None:
             dest = Path("docs/results") / f.relative_to("runs")
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest)
+
+
+def cluster_lines(folder: str) -> list[str]:
+    """``medssl clusters`` NMIs (organ / position / intensity) of every reading in ``folder``."""
+    lines = []
+    for f in sorted(Path(folder).glob("*.json")):
+        nmi = json.loads(f.read_text()).get("nmi", {})
+        lines.append(f"{f.stem}: " + ", ".join(f"{k} {v:.3f}" for k, v in nmi.items()))
+    return lines

@@ -9,7 +9,6 @@ seeds ahead; then the kNN readings against a random network's and the cluster NM
 puts every run's results.csv / summary.json (and the cluster readings) under docs/results/.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,15 @@ import pandas as pd
 from medssl_kit.evaluate.results import paired_wilcoxon
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paired_tables import ORGANS, comparison_table, copy_records, frame, p_text, per_seed  # noqa: E402
+from paired_tables import (  # noqa: E402
+    ORGANS,
+    cluster_lines,
+    comparison_table,
+    copy_records,
+    frame,
+    p_text,
+    per_seed,
+)
 
 SCRATCH = "runs/i32/ft/scratch"
 ROWS = [  # label, folder, its baseline (None: the baseline itself)
@@ -43,15 +50,10 @@ def knn_table() -> list[str]:
     return out
 
 
-def cluster_lines() -> list[str]:
-    lines = []
-    for f in sorted(Path("runs/i32/clusters").glob("*.json")):
-        nmi = json.loads(f.read_text()).get("nmi", {})
-        lines.append(f"{f.stem}: " + ", ".join(f"{k} {v:.3f}" for k, v in nmi.items()))
-    return lines
 
 
 if __name__ == "__main__":
-    print("\n".join([*comparison_table(ROWS), "", *knn_table(), "", *cluster_lines()]))
+    clusters = cluster_lines("runs/i32/clusters")
+    print("\n".join([*comparison_table(ROWS), "", *knn_table(), "", *clusters]))
     if "--copy" in sys.argv:
         copy_records(["runs/i32"], extra=("clusters/*.json",))

@@ -11,12 +11,11 @@ data/phantom's, byte for byte). ``--copy`` puts every run's results.csv / summar
 docs/results/, with the cluster readings.
 """
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paired_tables import comparison_table, copy_records  # noqa: E402
+from paired_tables import cluster_lines, comparison_table, copy_records  # noqa: E402
 
 SCRATCH = {1: "runs/i32/ft/scratch", 2: "runs/i33/ft/scratch"}
 MIXCL, SUP = "runs/i33/ft/mixcl-unet", "runs/i33/ft/sup-pool"
@@ -36,19 +35,12 @@ def rows(labeled: int) -> list[tuple[str, str, str | None]]:
     ]
 
 
-def cluster_lines() -> list[str]:
-    """``medssl clusters`` NMIs (organ / position / intensity) of each start's frozen features."""
-    lines = []
-    for f in sorted(Path("runs/i33/clusters").glob("*.json")):
-        nmi = json.loads(f.read_text()).get("nmi", {})
-        lines.append(f"{f.stem}: " + ", ".join(f"{k} {v:.3f}" for k, v in nmi.items()))
-    return lines
 
 
 if __name__ == "__main__":
     for labeled in (1, 2):
         print(f"\n{labeled} labelled case(s):")
         print("\n".join(comparison_table(rows(labeled), labeled)))
-    print("\n" + "\n".join(cluster_lines()))
+    print("\n" + "\n".join(cluster_lines("runs/i33/clusters")))
     if "--copy" in sys.argv:
         copy_records(["runs/i33"], extra=("clusters/*.json",))
