@@ -50,8 +50,6 @@ def knn_table() -> list[str]:
     return out
 
 
-
-
 if __name__ == "__main__":
     clusters = cluster_lines("runs/i32/clusters")
     print("\n".join([*comparison_table(ROWS), "", *knn_table(), "", *clusters]))

@@ -35,8 +35,6 @@ def rows(labeled: int) -> list[tuple[str, str, str | None]]:
     ]
 
 
-
-
 if __name__ == "__main__":
     for labeled in (1, 2):
         print(f"\n{labeled} labelled case(s):")
