@@ -40,16 +40,21 @@ def p_text(test: dict) -> str:
     return "–" if p is None or p != p else f"{p:.3g}"
 
 
-def comparison_table(rows: list[tuple[str, str, str | None]], labeled: int = 1) -> list[str]:
-    """Markdown rows for ``(label, folder, baseline folder or None)`` at ``labeled`` cases; a
-    start is compared over the seeds both it and its baseline have."""
+def comparison_table(
+    rows: list[tuple[str, str, str | None]], labeled: int = 1, only_seeds: set[int] | None = None
+) -> list[str]:
+    """Markdown rows for ``(label, folder, baseline folder or None)`` at ``labeled`` cases (the
+    fine-tuning seeds in ``only_seeds`` only, where given); a start is compared over the seeds
+    both it and its baseline have."""
     out = [
         "| start | organ Dice | per seed | p over pairs | p over seeds | seeds ahead | against |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, folder, base in rows:
         df = frame(folder, "x", labeled)
-        if df is None:
+        if df is not None and only_seeds is not None:
+            df = df[df.seed.isin(only_seeds)]
+        if df is None or df.empty:
             continue
         s = per_seed(df, labeled)
         seeds = "/".join(str(int(k)) for k in s.index)

@@ -6,7 +6,9 @@ At 1 and at 2 labelled cases: scratch, MixCL pre-trained on the partially labell
 the pool's labels) and the supervised start on the same pool's labels, each against scratch, and
 MixCL against the supervised start (../paired_tables.py); MixCL with the label term weighted
 alpha = 10 instead of the paper's 0.01 (gradient_share.py: at 0.01 it barely reaches the
-encoder). Scratch at 1 case is issue 32's run (data/phantom-pool's train/val/test are
+encoder). The paper's own backbone: MixCL 3D on ``unetr`` against ``unetr`` from scratch at 1 and
+4 cases; the ablation of the paper's Table 2 (Id / Id+Label / Id+Label+Recon) at 1 case. Scratch
+at 1 case is issue 32's run (data/phantom-pool's train/val/test are
 data/phantom's, byte for byte). ``--copy`` puts every run's results.csv / summary.json under
 docs/results/, with the cluster readings.
 """
@@ -20,6 +22,8 @@ from paired_tables import cluster_lines, comparison_table, copy_records  # noqa:
 SCRATCH = {1: "runs/i32/ft/scratch", 2: "runs/i33/ft/scratch"}
 MIXCL, SUP = "runs/i33/ft/mixcl-unet", "runs/i33/ft/sup-pool"
 MIXCL_A10 = "runs/i33/ft/mixcl-unet-a10"
+UNETR_SCRATCH, MIXCL_UNETR = "runs/i33/ft/unetr-scratch", "runs/i33/ft/mixcl-unetr"
+ID, ID_LABEL = "runs/i33/ft/mixcl-unet-id", "runs/i33/ft/mixcl-unet-idlabel"
 
 
 def rows(labeled: int) -> list[tuple[str, str, str | None]]:
@@ -35,10 +39,34 @@ def rows(labeled: int) -> list[tuple[str, str, str | None]]:
     ]
 
 
+def unetr_rows() -> list[tuple[str, str, str | None]]:
+    return [
+        ("unetr from scratch", UNETR_SCRATCH, None),
+        ("mixcl 3D on unetr (uses the pool's labels)", MIXCL_UNETR, UNETR_SCRATCH),
+    ]
+
+
+def ablation_rows() -> list[tuple[str, str, str | None]]:
+    scratch = SCRATCH[1]
+    return [
+        ("scratch", scratch, None),
+        ("Id", ID, scratch),
+        ("Id + Label", ID_LABEL, scratch),
+        ("Id + Label + Recon (mixcl)", MIXCL, scratch),
+        ("Id + Label against Id", ID_LABEL, ID),
+        ("Id + Label + Recon against Id + Label", MIXCL, ID_LABEL),
+    ]
+
+
 if __name__ == "__main__":
     for labeled in (1, 2):
         print(f"\n{labeled} labelled case(s):")
         print("\n".join(comparison_table(rows(labeled), labeled)))
+    for labeled in (1, 4):
+        print(f"\nunetr, {labeled} labelled case(s):")
+        print("\n".join(comparison_table(unetr_rows(), labeled)))
+    print("\nablation (unet, 1 labelled case, the seeds every arm has):")
+    print("\n".join(comparison_table(ablation_rows(), 1, only_seeds={0, 1, 2})))
     print("\n" + "\n".join(cluster_lines("runs/i33/clusters")))
     if "--copy" in sys.argv:
         copy_records(["runs/i33"], extra=("clusters/*.json",))
