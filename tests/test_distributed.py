@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -457,6 +458,11 @@ def test_failure_message_blames_the_rank_that_failed_first(tmp_path):
     assert D.failure_message({1: Failure(1)}, tmp_path, 4) == (
         "rank 1 of 4 failed (exit code 1): case 'x': bad label"
     )
+    # neither wrote a report: the launcher's SIGTERM to the survivor is not the cause
+    quiet = tmp_path / "none"
+    quiet.mkdir()
+    failures = {0: Failure(-signal.SIGTERM), 1: Failure(3)}
+    assert D.failure_message(failures, quiet, 2) == "rank 1 of 2 failed (exit code 3)"
 
 
 # --- on a CUDA GPU (scripts/gpu_check.sh) ---------------------------------------------------

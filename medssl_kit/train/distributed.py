@@ -430,13 +430,21 @@ def _exit_text(code: int) -> str:
 
 def failure_message(failures: dict[int, Any], errors: Path, nproc: int) -> str:
     """One line for failed workers (``{rank: failure with .exitcode}``): the first rank that
-    failed of its own accord (not because a peer died), its exit, and its reported error."""
+    failed of its own accord, its exit, and its reported error. Collateral: a rank that reported
+    a peer's death, or one with no report ended by SIGTERM (how the launcher stops the survivors
+    of a failed rank)."""
     reports = {}
     for r in failures:
         path = errors / f"rank-{r}.json"
         if path.is_file():
             reports[r] = json.loads(path.read_text())
-    own = [r for r in failures if not reports.get(r, {}).get("collateral")]
+
+    def collateral(r: int) -> bool:
+        if r in reports:
+            return bool(reports[r].get("collateral"))
+        return failures[r].exitcode == -signal.SIGTERM
+
+    own = [r for r in failures if not collateral(r)]
     first = min(own or failures, key=lambda r: (reports.get(r, {}).get("time", 0), r))
     line = f"rank {first} of {nproc} failed ({_exit_text(failures[first].exitcode)})"
     if first in reports:
