@@ -1,6 +1,6 @@
 """The tables of docs/results.md for issue 33 §4 (MixCL on the shared UNet), from the run folders.
 
-    python docs/results/i33/analyse.py [--copy]
+    python docs/results/i33/analyse.py [--copy] [--records]
 
 At 1 and at 2 labelled cases: scratch, MixCL pre-trained on the partially labelled pool (it uses
 the pool's labels) and the supervised start on the same pool's labels, each against scratch, and
@@ -9,8 +9,9 @@ alpha = 10 instead of the paper's 0.01 (gradient_share.py: at 0.01 it barely rea
 encoder). The paper's own backbone: MixCL 3D on ``unetr`` against ``unetr`` from scratch at 1 and
 4 cases; the ablation of the paper's Table 2 (Id / Id+Label / Id+Label+Recon) at 1 case. Scratch
 at 1 case is issue 32's run (data/phantom-pool's train/val/test are
-data/phantom's, byte for byte). ``--copy`` puts every run's results.csv / summary.json under
-docs/results/, with the cluster readings.
+data/phantom's, byte for byte). ``--copy`` first puts every run's results.csv / summary.json
+under docs/results/, with the cluster readings; ``--records`` reads the tables from those
+records instead of runs/ (run folders do not outlive a session; the records hold every run).
 """
 
 import sys
@@ -19,11 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paired_tables import cluster_lines, comparison_table, copy_records  # noqa: E402
 
-SCRATCH = {1: "runs/i32/ft/scratch", 2: "runs/i33/ft/scratch"}
-MIXCL, SUP = "runs/i33/ft/mixcl-unet", "runs/i33/ft/sup-pool"
-MIXCL_A10 = "runs/i33/ft/mixcl-unet-a10"
-UNETR_SCRATCH, MIXCL_UNETR = "runs/i33/ft/unetr-scratch", "runs/i33/ft/mixcl-unetr"
-ID, ID_LABEL = "runs/i33/ft/mixcl-unet-id", "runs/i33/ft/mixcl-unet-idlabel"
+ROOT = "docs/results" if "--records" in sys.argv else "runs"
+FT = f"{ROOT}/i33/ft"
+SCRATCH = {1: f"{ROOT}/i32/ft/scratch", 2: f"{FT}/scratch"}
+MIXCL, SUP = f"{FT}/mixcl-unet", f"{FT}/sup-pool"
+MIXCL_A10 = f"{FT}/mixcl-unet-a10"
+UNETR_SCRATCH, MIXCL_UNETR = f"{FT}/unetr-scratch", f"{FT}/mixcl-unetr"
+ID, ID_LABEL = f"{FT}/mixcl-unet-id", f"{FT}/mixcl-unet-idlabel"
 
 
 def rows(labeled: int) -> list[tuple[str, str, str | None]]:
@@ -59,6 +62,8 @@ def ablation_rows() -> list[tuple[str, str, str | None]]:
 
 
 if __name__ == "__main__":
+    if "--copy" in sys.argv:
+        copy_records(["runs/i33"], extra=("clusters/*.json",))
     for labeled in (1, 2):
         print(f"\n{labeled} labelled case(s):")
         print("\n".join(comparison_table(rows(labeled), labeled)))
@@ -67,6 +72,4 @@ if __name__ == "__main__":
         print("\n".join(comparison_table(unetr_rows(), labeled)))
     print("\nablation (unet, 1 labelled case, the seeds every arm has):")
     print("\n".join(comparison_table(ablation_rows(), 1, only_seeds={0, 1, 2})))
-    print("\n" + "\n".join(cluster_lines("runs/i33/clusters")))
-    if "--copy" in sys.argv:
-        copy_records(["runs/i33"], extra=("clusters/*.json",))
+    print("\n" + "\n".join(cluster_lines(f"{ROOT}/i33/clusters")))
