@@ -97,6 +97,8 @@ def test_training_on_the_pretrain_split_labels(tiny_phantom, tmp_path):
     result = finetune("scratch", tiny_phantom, cfg, tmp_path / "sup", progress=False)
     config = json.loads((result.run_dir / "config.json").read_text())
     assert set(config["labeled_cases"]) == pool and result.summary["labeled"] == len(pool)
+    assert config["threads"] == torch.get_num_threads()
+    assert config["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     assert result.summary["method"] == read_transferable(result.run_dir)["method"] == "supervised"
     assert set(pd.read_csv(result.run_dir / "results.csv")["case"]) == {
         c.id for c in manifest.split("test")

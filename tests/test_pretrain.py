@@ -93,6 +93,8 @@ def test_run_folder_logging_and_transfer(tiny_phantom, tmp_path):
     assert result.summary["steps"] == 6 and result.summary["median_seconds_per_step"] > 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["kind"] == "pretrain" and config["backbone"]["channels"] == [4, 8, 8, 8, 8]
+    assert config["threads"] == torch.get_num_threads()
+    assert config["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     with pytest.raises(MedsslError, match="already holds a run"):
         run_pretraining(_cfg(), tiny_phantom, tmp_path / "run", progress=False)
 

@@ -128,6 +128,16 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks_here) - 1))
 
 
+def numerics() -> dict[str, Any]:
+    """What decides a run's floating-point order besides its inputs: the intra-op thread count and
+    the CPU kernels PyTorch dispatches to (e.g. ``AVX2``, ``AVX512``). Runs agree bit for bit only
+    where both agree; a rerun on another machine or thread count is a new draw of training noise."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def channels_last(device: torch.device, dims: int, wanted: bool | None) -> bool:
     """Whether 2D convolutions run in ``channels_last`` (NHWC): ``wanted``, or by default on CUDA
     for 2D networks (tensor cores prefer it under mixed precision); 3D stays NCDHW."""

@@ -85,6 +85,7 @@ from medssl_kit.train.distributed import (
     data_parallel,
     default_workers,
     mean_terms,
+    numerics,
     on_rank_zero,
     precision,
     restore_rng,
@@ -210,6 +211,7 @@ def _finetune(
                 "version": __version__,
                 "device": str(run.device if cfg.steps else "cpu"),
                 "processes": run.world_size,
+                **numerics(),
             },
         )
     val_vols = val_vols or train_vols

@@ -69,6 +69,7 @@ from medssl_kit.train.distributed import (
     data_parallel,
     default_workers,
     mean_terms,
+    numerics,
     on_rank_zero,
     precision,
     rank_share,
@@ -288,6 +289,7 @@ def _pretrain(
                 "version": __version__,
                 "device": str(device),
                 "processes": run.world_size,
+                **numerics(),
             },
         )
     model = data_parallel(method, device)
