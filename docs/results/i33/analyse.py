@@ -6,12 +6,15 @@ At 1 and at 2 labelled cases: scratch, MixCL pre-trained on the partially labell
 the pool's labels) and the supervised start on the same pool's labels, each against scratch, and
 MixCL against the supervised start (../paired_tables.py); MixCL with the label term weighted
 alpha = 10 instead of the paper's 0.01 (gradient_share.py: at 0.01 it barely reaches the
-encoder). The paper's own backbone: MixCL 3D on ``unetr`` against ``unetr`` from scratch at 1 and
-4 cases; the ablation of the paper's Table 2 (Id / Id+Label / Id+Label+Recon) at 1 case. Scratch
-at 1 case is issue 32's run (data/phantom-pool's train/val/test are
-data/phantom's, byte for byte). ``--copy`` first puts every run's results.csv / summary.json
-under docs/results/, with the cluster readings; ``--records`` reads the tables from those
-records instead of runs/ (run folders do not outlive a session; the records hold every run).
+encoder). At 2 cases, seeds 0-3 and 4-7 are also shown apart: seeds 4-7 ran in a later session
+on another machine, with the MixCL and supervised starts pre-trained again there (same commands;
+a rerun on other CPU kernels is a new draw of training noise). The paper's own backbone: MixCL
+3D on ``unetr`` against ``unetr`` from scratch at 1 and 4 cases; the ablation of the paper's
+Table 2 (Id / Id+Label / Id+Label+Recon) at 1 case. Scratch at 1 case is issue 32's run
+(data/phantom-pool's train/val/test are data/phantom's, byte for byte). ``--copy`` first puts
+every run's results.csv / summary.json under docs/results/, with the cluster readings;
+``--records`` reads the tables from those records instead of runs/ (run folders do not outlive
+a session; the records hold every run).
 """
 
 import sys
@@ -67,6 +70,9 @@ if __name__ == "__main__":
     for labeled in (1, 2):
         print(f"\n{labeled} labelled case(s):")
         print("\n".join(comparison_table(rows(labeled), labeled)))
+    print("\n2 labelled cases, seeds 0-3 (first pre-training) and 4-7 (re-run starts) apart:")
+    for seeds in ({0, 1, 2, 3}, {4, 5, 6, 7}):
+        print("\n".join(comparison_table(rows(2), 2, only_seeds=seeds)))
     for labeled in (1, 4):
         print(f"\nunetr, {labeled} labelled case(s):")
         print("\n".join(comparison_table(unetr_rows(), labeled)))
