@@ -168,6 +168,18 @@ def test_cpu_profile_trains_3d_within_its_budget_and_2d_at_the_profiles_steps(cl
     assert three.steps == cls.cpu_steps_3d and three.batch_size == 2
     two = PretrainConfig(method=cls.name, profile="cpu", dims=2).resolved()
     assert two.steps == PretrainConfig(method="simsiam", profile="cpu", dims=2).resolved().steps
+    # 2048 sampled voxels a batch off the GPU in both (a 2D batch of 8 pairs × 1024 made the
+    # loss's logits 16× larger and a laptop step ≈ 20 s); the papers' 1024 a pair at gpu
+    assert three.method_cfg["voxels_per_pair"] * three.batch_size == 2048
+    assert two.method_cfg["voxels_per_pair"] * two.batch_size == 2048
+    laptop = PretrainConfig(method=cls.name, profile="laptop", dims=2).resolved()
+    assert laptop.method_cfg["voxels_per_pair"] == 256
+    assert (
+        PretrainConfig(method=cls.name, profile="gpu", dims=2)
+        .resolved()
+        .method_cfg["voxels_per_pair"]
+        == 1024
+    )
     assert PretrainConfig(method=cls.name, profile="smoke", dims=3).resolved().steps < 50
 
 
