@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 34 §4: the runs behind docs/results.md "vox2vec and hierarchical dense SSL on the FPN".
+# Two jobs side by side at one thread each (2 cores); a job whose summary.json exists is skipped,
+# a fine-tuning job waits for its pre-training.  Run from the repository root:
+#     bash docs/results/i34/queue.sh [probes|finetune1|...]
+set -u
+export OMP_NUM_THREADS=1
+M=data/phantom
+MEDSSL=${MEDSSL:-.venv/bin/medssl}
+[ -f $M/manifest.json ] || $MEDSSL phantom --out $M --profile cpu
+
+job() {  # job OUT_DIR WAIT_FOR_RUN_OR_- medssl-arguments...
+    local out=$1 dep=$2; shift 2
+    [ -f "$out/summary.json" ] && return 0
+    if [ "$dep" != - ]; then while [ ! -f "$dep/summary.json" ]; do sleep 20; done; fi
+    mkdir -p "$(dirname "$out")"
+    { echo "start $(date -u +%FT%TZ) $*"; "$MEDSSL" "$@" --out "$out"; echo "end $(date -u +%FT%TZ) rc $?"; } \
+        > "$out.log" 2>&1
+}
+export -f job
+export M MEDSSL
+
+P=runs/i34/pretrain
+list() {
+    echo "$P/vox2vec - pretrain --method vox2vec --manifest $M --profile cpu --seed 0"
+    echo "$P/hierarchical_dense - pretrain --method hierarchical_dense --manifest $M --profile cpu --seed 0"
+    for s in 0 1 2; do
+        for init in random vox2vec hierarchical_dense; do
+            if [ $init = random ]; then src=scratch dep=-; else src=$P/$init dep=$P/$init; fi
+            echo "runs/i34/probe/$init/labeled-all_seed-$s $dep finetune --init $src --backbone fpn --dims 3 --mode linear --labeled all --manifest $M --profile cpu --seed $s"
+        done
+    done
+    for n in 1 2; do
+        for s in 0 1 2 3 4 5 6 7; do
+            for init in scratch vox2vec hierarchical_dense; do
+                # scratch: the same network and head, every layer training from the first step
+                if [ $init = scratch ]; then src=scratch dep=- x="--set unfreeze_at=0 --set ramp_fraction=0"
+                else src=$P/$init dep=$P/$init x=""; fi
+                echo "runs/i34/ft/$init/labeled-${n}_seed-$s $dep finetune --init $src --backbone fpn --dims 3 --mode nonlinear --labeled $n --manifest $M --profile cpu --seed $s $x"
+            done
+        done
+    done
+}
+list | xargs -P 2 -L 1 bash -c 'job "$@"' _
