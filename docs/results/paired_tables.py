@@ -19,13 +19,15 @@ ORGANS = [1, 2, 3, 4, 5, 6]
 
 
 def frame(folder: str, label: str, labeled: int | None = None) -> pd.DataFrame | None:
-    """Every results.csv under ``folder`` (``labeled-<n>_seed-<s>`` runs; only ``labeled``
-    cases where given), tagged ``method=label``; ``None`` when there is none."""
-    pattern = f"labeled-{labeled}_seed-*" if labeled else "labeled-*"
-    parts = [load_results(f) for f in sorted(Path(folder).glob(f"{pattern}/results.csv"))]
-    if not parts:
+    """Every results.csv under ``folder`` (``labeled-<n|all>_seed-<s>`` runs; only runs on
+    ``labeled`` cases where given: results.csv records "all" as its case count), tagged
+    ``method=label``; ``None`` when there is none."""
+    parts = [load_results(f) for f in sorted(Path(folder).glob("labeled-*/results.csv"))]
+    df = pd.concat(parts) if parts else None
+    if df is not None and labeled:
+        df = df[df.labeled == labeled]
+    if df is None or df.empty:
         return None
-    df = pd.concat(parts)
     df["method"] = label
     return df
 

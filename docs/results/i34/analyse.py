@@ -1,0 +1,44 @@
+"""The tables of docs/results.md for issue 34 §4 (vox2vec and hierarchical dense SSL on the FPN).
+
+    python docs/results/i34/analyse.py [--copy] [--records]
+
+The runs are docs/results/i34/queue.sh's, at the cpu profile on data/phantom, 3D on the fpn:
+the linear probe (backbone frozen, one 1x1 convolution per pyramid level, all 8 labelled cases)
+of a random-init FPN, vox2vec and hierarchical_dense, each pre-trained within the cpu profile's
+10-minute budget; and the non-linear fine-tuning (the paper's: head first, then the backbone on
+an exponential ramp) at 1 and 2 labelled cases against the same network from scratch (every
+layer training from the first step). ``--copy`` first puts every run's results.csv /
+summary.json under docs/results/; ``--records`` reads the tables from those records instead of
+runs/ (run folders do not outlive a session).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paired_tables import comparison_table, copy_records  # noqa: E402
+
+ROOT = "docs/results" if "--records" in sys.argv else "runs"
+PROBE, FT = f"{ROOT}/i34/probe", f"{ROOT}/i34/ft"
+ALL = 8  # the phantom's train split: "all" labelled cases
+
+
+def against(root: str, base: str) -> list[tuple[str, str, str | None]]:
+    return [
+        (base, f"{root}/{base}", None),
+        (f"vox2vec against {base}", f"{root}/vox2vec", f"{root}/{base}"),
+        (f"hierarchical_dense against {base}", f"{root}/hierarchical_dense", f"{root}/{base}"),
+        ("hierarchical_dense against vox2vec", f"{root}/hierarchical_dense", f"{root}/vox2vec"),
+    ]
+
+
+if __name__ == "__main__":
+    if "--copy" in sys.argv:
+        copy_records(["runs/i34"])
+    print("\nlinear probe, all 8 labelled cases:")
+    print("\n".join(comparison_table(against(PROBE, "random"), ALL)))
+    for labeled in (1, 2, 4, ALL):
+        table = comparison_table(against(FT, "scratch"), labeled)
+        if len(table) > 2:
+            print(f"\nnon-linear fine-tuning, {labeled} labelled case(s):")
+            print("\n".join(table))
