@@ -5,9 +5,11 @@ from a seconds-long smoke test to the papers' settings. The active profile is th
 argument where a command has one, else the ``MEDSSL_PROFILE`` environment variable, else ``cpu``.
 
 - ``smoke``: tiny shapes and a handful of steps; proves the code runs (CI, nbval).
-- ``laptop``: the main job (``make run``) in about an hour on 2 cores: the ``cpu`` phantom and
+- ``laptop``: the main job (``make run``), sized for an hour on 2 cores: the ``cpu`` phantom and
   every method's ``cpu`` recipe at half its pre-training steps, fine-tuning at 400 steps, one
   labelled case × three seeds for every start (and all labels for scratch, the reference).
+  Measured stage by stage on a slower 2-core VM it comes to ≈ 1 h 45 min
+  (docs/results/i35/2026-12-07-laptop-costs.md).
 - ``cpu``: the full matrix at a laptop's sizes — every budget × three seeds; the settings behind
   every recorded result (docs/results.md).
 - ``gpu``: the papers' sizes.
@@ -178,9 +180,10 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
-# The main job (make run) in about an hour on 2 cores: the cpu profile's phantom and method
-# recipes with half the pre-training steps, 400 fine-tuning steps (about a minute), one labelled
-# case x three seeds for every start, and scratch at all labels as the reference.
+# The main job (make run), sized for an hour on 2 cores: the cpu profile's phantom and method
+# recipes with half the pre-training steps, 400 fine-tuning steps, one labelled case x three seeds
+# for every start, and scratch at all labels as the reference. A fine-tuning run took 187 s at one
+# thread on the 2026-12-07 VM (see the module docstring).
 _CPU = PROFILES["cpu"]
 PROFILES["laptop"] = replace(
     _CPU,
