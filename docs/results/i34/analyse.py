@@ -5,7 +5,8 @@
 The runs are docs/results/i34/queue.sh's, at the cpu profile on data/phantom, 3D on the fpn:
 the linear probe (backbone frozen, one 1x1 convolution per pyramid level, all 8 labelled cases)
 of a random-init FPN, vox2vec and hierarchical_dense, each pre-trained within the cpu profile's
-10-minute budget; and the non-linear fine-tuning (the paper's: head first, then the backbone on
+10-minute budget; the paper's ablation (one of its switches on top of vox2vec) at the linear
+probe; and the non-linear fine-tuning (the paper's: head first, then the backbone on
 an exponential ramp) at 1 and 2 labelled cases against the same network from scratch (every
 layer training from the first step). ``--copy`` first puts every run's results.csv /
 summary.json under docs/results/; ``--records`` reads the tables from those records instead of
@@ -23,6 +24,17 @@ PROBE, FT = f"{ROOT}/i34/probe", f"{ROOT}/i34/ft"
 ALL = 8  # the phantom's train split: "all" labelled cases
 
 
+def ablation() -> list[tuple[str, str, str | None]]:
+    """The paper's Table 1 at the linear probe: one switch on top of vox2vec (same 185 steps),
+    and all three (hierarchical_dense, at its own 156-step budget)."""
+    v = f"{PROBE}/vox2vec"
+    return [
+        ("vox2vec", v, None),
+        *[(f"vox2vec + {k} against vox2vec", f"{v}+{k}", v) for k in ("aug", "arch", "recon")],
+        ("all three (hierarchical_dense) against vox2vec", f"{PROBE}/hierarchical_dense", v),
+    ]
+
+
 def against(root: str, base: str) -> list[tuple[str, str, str | None]]:
     return [
         (base, f"{root}/{base}", None),
@@ -37,6 +49,8 @@ if __name__ == "__main__":
         copy_records(["runs/i34"])
     print("\nlinear probe, all 8 labelled cases:")
     print("\n".join(comparison_table(against(PROBE, "random"), ALL)))
+    print("\nablation (linear probe, all 8 labelled cases):")
+    print("\n".join(comparison_table(ablation(), ALL)))
     for labeled in (1, 2, 4, ALL):
         table = comparison_table(against(FT, "scratch"), labeled)
         if len(table) > 2:

@@ -21,15 +21,20 @@ export -f job
 export M MEDSSL
 
 P=runs/i34/pretrain
+probe() {  # probe NAME SEED: the linear probe of runs/i34/pretrain/NAME (random: a random FPN)
+    if [ $1 = random ]; then src=scratch dep=-; else src=$P/$1 dep=$P/$1; fi
+    echo "runs/i34/probe/$1/labeled-all_seed-$2 $dep finetune --init $src --backbone fpn --dims 3 --mode linear --labeled all --manifest $M --profile cpu --seed $2"
+}
 list() {
     echo "$P/vox2vec - pretrain --method vox2vec --manifest $M --profile cpu --seed 0"
     echo "$P/hierarchical_dense - pretrain --method hierarchical_dense --manifest $M --profile cpu --seed 0"
-    for s in 0 1 2; do
-        for init in random vox2vec hierarchical_dense; do
-            if [ $init = random ]; then src=scratch dep=-; else src=$P/$init dep=$P/$init; fi
-            echo "runs/i34/probe/$init/labeled-all_seed-$s $dep finetune --init $src --backbone fpn --dims 3 --mode linear --labeled all --manifest $M --profile cpu --seed $s"
-        done
+    for s in 0 1; do for init in random vox2vec hierarchical_dense; do probe $init $s; done; done
+    # the ablation (the paper's Table 1): one switch on top of vox2vec, vox2vec's 185 steps
+    for switch in aug arch recon; do
+        echo "$P/vox2vec+$switch - pretrain --method vox2vec --manifest $M --profile cpu --seed 0 --set $switch=true"
     done
+    for init in random vox2vec hierarchical_dense; do probe $init 2; done
+    for s in 0 1 2; do for switch in aug arch recon; do probe vox2vec+$switch $s; done; done
     for n in 1 2; do
         for s in 0 1 2 3 4 5 6 7; do
             for init in scratch vox2vec hierarchical_dense; do
