@@ -25,7 +25,7 @@ def frame(folder: str, label: str, labeled: int | None = None) -> pd.DataFrame |
     parts = [load_results(f) for f in sorted(Path(folder).glob("labeled-*/results.csv"))]
     df = pd.concat(parts) if parts else None
     if df is not None and labeled:
-        df = df[df.labeled == labeled]
+        df = df[df.labeled == labeled].copy()
     if df is None or df.empty:
         return None
     df["method"] = label

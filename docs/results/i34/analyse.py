@@ -6,11 +6,11 @@ The runs are docs/results/i34/queue.sh's, at the cpu profile on data/phantom, 3D
 the linear probe (backbone frozen, one 1x1 convolution per pyramid level, all 8 labelled cases)
 of a random-init FPN, vox2vec and hierarchical_dense, each pre-trained within the cpu profile's
 10-minute budget; the paper's ablation (one of its switches on top of vox2vec) at the linear
-probe; and the non-linear fine-tuning (the paper's: head first, then the backbone on
-an exponential ramp) at 1 and 2 labelled cases against the same network from scratch (every
-layer training from the first step). ``--copy`` first puts every run's results.csv /
-summary.json under docs/results/; ``--records`` reads the tables from those records instead of
-runs/ (run folders do not outlive a session).
+probe; and the non-linear fine-tuning (the paper's: head first, then the backbone on an
+exponential ramp) at 1, 2, 4 and all labelled cases (those that have runs) against the same
+network from scratch (every layer training from the first step). ``--copy`` first puts every
+run's results.csv / summary.json under docs/results/; ``--records`` reads the tables from those
+records instead of runs/ (run folders do not outlive a session).
 """
 
 import sys

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 34 §4: the runs behind docs/results.md "vox2vec and hierarchical dense SSL on the FPN".
 # Two jobs side by side at one thread each (2 cores); a job whose summary.json exists is skipped,
-# a fine-tuning job waits for its pre-training.  Run from the repository root:
-#     bash docs/results/i34/queue.sh [probes|finetune1|...]
+# a fine-tuning job waits for its pre-training; the list runs in order (pre-training, probes,
+# ablation, fine-tuning).  Run from the repository root:
+#     bash docs/results/i34/queue.sh
 set -u
 export OMP_NUM_THREADS=1
 M=data/phantom
