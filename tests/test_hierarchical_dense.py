@@ -22,7 +22,8 @@ from medssl_kit.methods.hierarchical_dense import HierarchicalDense, Vox2Vec, sa
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import FinetuneConfig, build_model, finetune
-from medssl_kit.train.finetune_schedule import nonlinear_schedule, unfreeze_step
+from medssl_kit.train.finetune_config import NONLINEAR_LR
+from medssl_kit.train.finetune_schedule import frozen_trunk, nonlinear_schedule, unfreeze_step
 from medssl_kit.train.finetune_tasks import _SegmentTask
 from medssl_kit.train.pretrain import PretrainConfig, pretrain, run_pretraining
 from medssl_kit.train.transfer import check_transferable_fits, read_transferable, save_transferable
@@ -240,11 +241,28 @@ def test_nonlinear_mode_trains_the_backbone_only_after_unfreezing(fpn_init, tiny
     assert type(model.head).__name__ == "NonLinearHead"
     task = _SegmentTask(cfg, load_manifest(tiny_phantom))
     model.train()
+    x = torch.randn(2, 1, 32, 32)
     task.set_train_modes(model, 1)
-    body = [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]
-    assert not any(p.requires_grad for _, p in body) and not model.encoder.training
+    trunk = dict(frozen_trunk(model))
+    norms = [p for n, p in model.named_parameters() if not n.startswith("head.") and n not in trunk]
+    assert (
+        trunk
+        and norms
+        and set(trunk)
+        == {n for n, _ in model.named_parameters() if not n.startswith("head.") and ".N." not in n}
+    )
+    assert not any(p.requires_grad for p in trunk.values())
+    # normalisation layers train from the first step in training mode (BackboneFinetuning's
+    # train_bn): unfreezing changes no activation, and nothing else runs in eval mode
+    assert all(p.requires_grad for p in norms) and all(m.training for m in model.modules())
+    with torch.no_grad():
+        frozen_out = model(x)
     task.set_train_modes(model, 2)
-    assert all(p.requires_grad for _, p in body)
+    assert all(p.requires_grad for p in trunk.values())
+    with torch.no_grad():
+        assert torch.allclose(model(x), frozen_out)
+    assert cfg.lr == NONLINEAR_LR == 3e-4  # the papers' rate, not the profile's
+    assert FinetuneConfig(mode="nonlinear", lr=1e-3, **FAST).resolved().lr == 1e-3
 
     result = finetune(init, tiny_phantom, cfg, tmp_path / "ft", progress=False)
     tuned = read_transferable(result.run_dir)["state_dict"]

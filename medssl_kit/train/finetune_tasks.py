@@ -29,7 +29,7 @@ from medssl_kit.evaluate.report import split_classes
 from medssl_kit.losses.segmentation import PartialDiceCELoss
 from medssl_kit.train.distributed import rank_share
 from medssl_kit.train.finetune_config import FinetuneConfig
-from medssl_kit.train.finetune_schedule import unfreeze_step
+from medssl_kit.train.finetune_schedule import frozen_trunk, unfreeze_step
 
 
 class _Task:
@@ -49,14 +49,13 @@ class _Task:
 
     def set_train_modes(self, model: nn.Module, step: int) -> None:
         """Frozen parts keep their normalisation statistics (eval mode) while probing; in
-        nonlinear mode the backbone is frozen so before :func:`unfreeze_step`, then trains."""
-        frozen = self.cfg.mode in ("probe", "linear")
+        nonlinear mode the backbone's trunk (:func:`frozen_trunk`) is frozen before
+        :func:`unfreeze_step`, then trains, while its normalisation layers train throughout."""
         if self.cfg.mode == "nonlinear":
             frozen = step < unfreeze_step(self.cfg)
-            for name, p in model.named_parameters():
-                if not name.startswith("head."):
-                    p.requires_grad = not frozen
-        if frozen:
+            for _, p in frozen_trunk(model):
+                p.requires_grad = not frozen
+        if self.cfg.mode in ("probe", "linear"):
             for name, module in model.named_modules():
                 if name and not name.startswith("head"):
                     module.eval()

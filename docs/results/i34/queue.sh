@@ -2,7 +2,8 @@
 # Issue 34 §4: the runs behind docs/results.md "vox2vec and hierarchical dense SSL on the FPN".
 # Two jobs side by side at one thread each (2 cores); a job whose summary.json exists is skipped,
 # a fine-tuning job waits for its pre-training; the list runs in order (pre-training, probes,
-# ablation, fine-tuning).  Run from the repository root:
+# ablation pre-training, fine-tuning at one case, the ablation's probes, fine-tuning at two).
+# Run from the repository root:
 #     bash docs/results/i34/queue.sh
 set -u
 export OMP_NUM_THREADS=1
@@ -15,7 +16,8 @@ job() {  # job OUT_DIR WAIT_FOR_RUN_OR_- medssl-arguments...
     [ -f "$out/summary.json" ] && return 0
     if [ "$dep" != - ]; then while [ ! -f "$dep/summary.json" ]; do sleep 20; done; fi
     mkdir -p "$(dirname "$out")"
-    { echo "start $(date -u +%FT%TZ) $*"; "$MEDSSL" "$@" --out "$out"; echo "end $(date -u +%FT%TZ) rc $?"; } \
+    local rc
+    { echo "start $(date -u +%FT%TZ) $*"; "$MEDSSL" "$@" --out "$out"; rc=$?; echo "end $(date -u +%FT%TZ) rc $rc"; } \
         > "$out.log" 2>&1
 }
 export -f job
@@ -35,16 +37,20 @@ list() {
         echo "$P/vox2vec+$switch - pretrain --method vox2vec --manifest $M --profile cpu --seed 0 --set $switch=true"
     done
     for init in random vox2vec hierarchical_dense; do probe $init 2; done
-    for s in 0 1 2; do for switch in aug arch recon; do probe vox2vec+$switch $s; done; done
     for n in 1 2; do
         for s in 0 1 2 3 4 5 6 7; do
             for init in scratch vox2vec hierarchical_dense; do
                 # scratch: the same network and head, every layer training from the first step
                 if [ $init = scratch ]; then src=scratch dep=- x="--set unfreeze_at=0 --set ramp_fraction=0"
-                else src=$P/$init dep=$P/$init x=""; fi
-                echo "runs/i34/ft/$init/labeled-${n}_seed-$s $dep finetune --init $src --backbone fpn --dims 3 --mode nonlinear --labeled $n --manifest $M --profile cpu --seed $s $x"
+                else src=$P/$init dep=$P/$init x=; fi
+                # (no trailing blank: xargs -L 1 would join the next line to this one)
+                echo "runs/i34/ft/$init/labeled-${n}_seed-$s $dep finetune --init $src --backbone fpn --dims 3 --mode nonlinear --labeled $n --manifest $M --profile cpu --seed $s${x:+ $x}"
             done
         done
+        # the ablation's remaining probe seeds after the one-case comparison
+        if [ $n = 1 ]; then
+            for s in 0 1 2; do for switch in aug arch recon; do probe vox2vec+$switch $s; done; done
+        fi
     done
 }
 list | xargs -P 2 -L 1 bash -c 'job "$@"' _
