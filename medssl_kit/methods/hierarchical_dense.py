@@ -142,14 +142,17 @@ def sample_pyramid(levels: list[Tensor], positions: Tensor, size: tuple[int, ...
     sample = positions[:, 0].long()
     out = []
     for level in levels:
-        rows = level.new_zeros(len(positions), level.shape[1])
+        # grid_sample reads in float32 under autocast (amp), whatever the level's dtype
+        rows = level.new_zeros(
+            len(positions), level.shape[1], dtype=torch.promote_types(level.dtype, torch.float32)
+        )
         for b in range(level.shape[0]):
             chosen = (sample == b).nonzero()[:, 0]
             if not len(chosen):
                 continue
             where = grid[chosen].to(level.dtype).view(1, -1, *([1] * (dims - 1)), dims)
             read = F.grid_sample(level[b : b + 1], where, mode="bilinear", align_corners=False)
-            rows = rows.index_put((chosen,), read.reshape(level.shape[1], -1).t())
+            rows = rows.index_put((chosen,), read.reshape(level.shape[1], -1).t().to(rows.dtype))
         out.append(rows)
     return torch.cat(out, 1)
 

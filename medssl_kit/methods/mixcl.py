@@ -317,12 +317,16 @@ class MixCL(PretrainMethod):
         size = torch.tensor(self.patch, dtype=torch.float32, device=maps.device)
         # grid_sample wants (x, y[, z]) in [-1, 1], the reverse of our (z,) y, x order
         coords = ((pixels[:, 1:].float() + 0.5) / size * 2 - 1).flip(-1)
-        rows = maps.new_zeros(len(pixels), maps.shape[1])
+        # grid_sample reads in float32 under autocast (amp), whatever the maps' dtype
+        rows = maps.new_zeros(
+            len(pixels), maps.shape[1], dtype=torch.promote_types(maps.dtype, torch.float32)
+        )
         for b in range(maps.shape[0]):
             chosen = pixels[:, 0] == b
             grid = coords[chosen].view(1, -1, *([1] * (self.dims - 1)), self.dims)
             sampled = F.grid_sample(maps[b : b + 1], grid, mode="bilinear", align_corners=False)
-            rows = rows.index_put((chosen.nonzero()[:, 0],), sampled.reshape(maps.shape[1], -1).t())
+            read = sampled.reshape(maps.shape[1], -1).t().to(rows.dtype)
+            rows = rows.index_put((chosen.nonzero()[:, 0],), read)
         return rows
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:

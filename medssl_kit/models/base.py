@@ -174,7 +174,7 @@ class RecordedBatchStatistics:
         self.stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
 
     def _record(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        x = inputs[0].detach()
+        x = inputs[0].detach().float()  # in float32, as the layer's own statistics (amp)
         dims = [0, *range(2, x.ndim)]
         self.stats[module] = (x.mean(dims), x.var(dims, unbiased=False))
 
