@@ -6,9 +6,9 @@ argument where a command has one, else the ``MEDSSL_PROFILE`` environment variab
 
 - ``smoke``: tiny shapes and a handful of steps; proves the code runs (CI, nbval).
 - ``laptop``: the main job (``make run``), sized for an hour on 2 cores: the ``cpu`` phantom and
-  every method's ``cpu`` recipe at half its pre-training steps, fine-tuning at 400 steps, one
-  labelled case × three seeds for every start (and all labels for scratch, the reference).
-  Measured stage by stage on a slower 2-core VM it comes to ≈ 1 h 45 min
+  every method's ``cpu`` recipe at a quarter of its pre-training steps, the ``cpu`` fine-tuning
+  recipe (800 steps) at one labelled case × two seeds for every start (and all labels for
+  scratch, the reference), in bfloat16 on a CPU that computes it natively
   (docs/results/i35/2026-12-07-laptop-costs.md).
 - ``cpu``: the full matrix at a laptop's sizes — every budget × three seeds; the settings behind
   every recorded result (docs/results.md).
@@ -84,6 +84,9 @@ class Profile:
     # The profile whose method recipes (each method's steps, view sizes, batches, queue sizes)
     # apply; ``None``: this one's.
     methods_as: str | None = None
+    # Train in bfloat16 autocast on a CPU that computes it natively when a run leaves ``amp``
+    # unset (train.distributed.default_amp); CUDA always uses mixed precision.
+    cpu_amp: bool = False
 
     @property
     def recipes(self) -> str:
@@ -180,17 +183,22 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
-# The main job (make run), sized for an hour on 2 cores: the cpu profile's phantom and method
-# recipes with half the pre-training steps, 400 fine-tuning steps, one labelled case x three seeds
-# for every start, and scratch at all labels as the reference. A fine-tuning run took 187 s at one
-# thread on the 2026-12-07 VM (see the module docstring).
+# The main job (make run), sized for an hour on 2 cores: the cpu profile's phantom, method recipes
+# at a quarter of their pre-training steps, and its fine-tuning recipe (800 steps: at 400 the
+# all-labels reference fell below one case, 0.494 against 0.581) validated every 400 steps, one
+# labelled case x two seeds for every start and scratch at all labels as the reference, in
+# bfloat16 where the CPU computes it natively (a fine-tuning step in 0.54 of the float32 time;
+# one case 0.675, all labels 0.889 at 800 steps). docs/results/i35/2026-12-07-laptop-costs.md.
 _CPU = PROFILES["cpu"]
 PROFILES["laptop"] = replace(
     _CPU,
     name="laptop",
-    finetune=replace(_CPU.finetune, steps=400, budgets=(1,), reference_budgets=("all",)),
-    pretrain=replace(_CPU.pretrain, step_scale=0.5),
+    finetune=replace(
+        _CPU.finetune, val_every=400, budgets=(1,), seeds=(0, 1), reference_budgets=("all",)
+    ),
+    pretrain=replace(_CPU.pretrain, step_scale=0.25),
     methods_as="cpu",
+    cpu_amp=True,
 )
 
 

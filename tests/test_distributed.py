@@ -384,6 +384,20 @@ def test_precision_and_memory_format_follow_the_device(monkeypatch):
     assert D.default_workers(cpu) == 0 and 1 <= D.default_workers(cuda) <= 4
 
 
+def test_unset_amp_is_on_for_cuda_and_for_the_laptop_on_a_cpu_with_native_bfloat16(
+    monkeypatch, tiny_phantom, tmp_path
+):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(D, "native_cpu_bfloat16", lambda: True)
+    assert D.default_amp(cuda, "cpu") and D.default_amp(cpu, "laptop")
+    assert not D.default_amp(cpu, "cpu") and not D.default_amp(cpu, "smoke")
+    cfg = PretrainConfig(method="simsiam", profile="laptop", steps=1, batch_size=2)
+    run_pretraining(cfg, tiny_phantom, tmp_path / "bf16", progress=False)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["config"]["amp"] is True
+    monkeypatch.setattr(D, "native_cpu_bfloat16", lambda: False)  # emulated: slower, so off
+    assert not D.default_amp(cpu, "laptop") and D.default_amp(cuda, "laptop")
+
+
 # Every registered method in each of its dimensions (a new method cannot be left out).
 PRETRAIN_METHODS = [(m, d) for m in available_methods() for d in get_method(m).spatial_dims]
 

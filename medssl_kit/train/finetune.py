@@ -83,6 +83,7 @@ from medssl_kit.train.distributed import (
     channels_last,
     check_processes,
     data_parallel,
+    default_amp,
     default_workers,
     mean_terms,
     numerics,
@@ -177,7 +178,7 @@ def _finetune(
     check_processes(cfg.batch_size, run.world_size)
     cfg = replace(
         cfg,
-        amp=cfg.amp if cfg.amp is not None else run.device.type == "cuda",
+        amp=cfg.amp if cfg.amp is not None else default_amp(run.device, cfg.profile),
         workers=cfg.workers if cfg.workers is not None else default_workers(run.device),
         channels_last=channels_last(run.device, cfg.dims, cfg.channels_last),
     )

@@ -74,7 +74,9 @@ class FinetuneConfig:
     # could transfer: `--init` a run made this way).
     train_split: str = "train"
     device: str = "auto"  # auto (CUDA where available) | cpu | cuda
-    amp: bool | None = None  # mixed precision in training; None: on CUDA, off on the CPU
+    # Mixed precision in training; None: on CUDA, and on a CPU with native bfloat16 where the
+    # profile asks for it (train.distributed.default_amp: the laptop profile).
+    amp: bool | None = None
     workers: int | None = None  # batch-building processes; None: 0 on the CPU, up to 4 on CUDA
     channels_last: bool | None = None  # NHWC 2D convolutions; None: on CUDA for 2D
 

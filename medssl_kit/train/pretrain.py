@@ -67,6 +67,7 @@ from medssl_kit.train.distributed import (
     channels_last,
     check_processes,
     data_parallel,
+    default_amp,
     default_workers,
     mean_terms,
     numerics,
@@ -123,7 +124,9 @@ class PretrainConfig:
     splits: tuple[str, ...] | None = None
     method_cfg: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"  # auto (CUDA where available) | cpu | cuda
-    amp: bool | None = None  # mixed precision; None: on CUDA, off on the CPU
+    # Mixed precision; None: on CUDA, and on a CPU with native bfloat16 where the profile asks
+    # for it (train.distributed.default_amp: the laptop profile).
+    amp: bool | None = None
     workers: int | None = None  # batch-building processes; None: 0 on the CPU, up to 4 on CUDA
     channels_last: bool | None = None  # NHWC 2D convolutions; None: on CUDA for 2D
 
@@ -243,7 +246,7 @@ def _pretrain(
     nhwc = channels_last(device, method.backbone.spatial_dims, cfg.channels_last)
     cfg = replace(
         cfg,
-        amp=cfg.amp if cfg.amp is not None else device.type == "cuda",
+        amp=cfg.amp if cfg.amp is not None else default_amp(device, cfg.profile),
         workers=cfg.workers if cfg.workers is not None else default_workers(device),
         channels_last=nhwc,
     )
