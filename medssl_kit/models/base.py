@@ -30,6 +30,15 @@ NORMS = ("batch", "instance", "group")
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 _BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Every normalisation layer a backbone may hold (batch, instance, group, layer norm).
+NORM_TYPES = (
+    *_BATCH_NORM_TYPES,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
 
 
 @dataclass

@@ -9,22 +9,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LinearLR, LRScheduler, PolynomialLR, SequentialLR
 
+from medssl_kit.models.base import NORM_TYPES
 from medssl_kit.train.finetune_config import FinetuneConfig
 from medssl_kit.train.finetune_models import model_backbone
 from medssl_kit.train.transfer import KeyReport
-
-# Normalisation layers, which nonlinear mode trains from the first step (see frozen_trunk).
-NORM_LAYERS = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.GroupNorm,
-    nn.LayerNorm,
-)
 
 
 def frozen_trunk(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -37,7 +25,7 @@ def frozen_trunk(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     norm = {
         f"{prefix}.{name}" if prefix else name
         for prefix, module in model.named_modules()
-        if isinstance(module, NORM_LAYERS)
+        if isinstance(module, NORM_TYPES)
         for name, _ in module.named_parameters(recurse=False)
     }
     return [
