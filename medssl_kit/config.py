@@ -8,7 +8,7 @@ argument where a command has one, else the ``MEDSSL_PROFILE`` environment variab
 - ``laptop``: the main job (``make run``), sized for an hour on 2 cores: the ``cpu`` phantom and
   every method's ``cpu`` recipe at a fifth of its pre-training steps, the ``cpu`` fine-tuning
   recipe (800 steps) at one labelled case × two seeds for every start (and all labels for
-  scratch, the reference), in bfloat16 on a CPU that computes it natively
+  scratch at the first seed, the reference), in bfloat16 on a CPU that computes it natively
   (docs/results/i35/2026-12-07-laptop-costs.md).
 - ``cpu``: the full matrix at a laptop's sizes — every budget × three seeds; the settings behind
   every recorded result (docs/results.md).
@@ -50,8 +50,8 @@ class FinetuneSettings:
     seeds: tuple[int, ...]  # default seeds of each budget (mean ± sd over them)
     lr: float = 1e-3
     resnet: str = "resnet18"  # the ResNet encoder of the ``resunet`` backbone
-    # Budgets scratch also runs in the pipeline: the reference a profile that compares the
-    # methods at few labels alone keeps (what all labels reach).
+    # Budgets scratch also runs in the pipeline, at the first seed: the reference a profile that
+    # compares the methods at few labels alone keeps (what all labels reach).
     reference_budgets: tuple[int | str, ...] = ()
 
 
@@ -185,9 +185,10 @@ PROFILES: dict[str, Profile] = {
 
 # The main job (make run), sized for an hour on 2 cores: the cpu profile's phantom, method recipes
 # at a fifth of their pre-training steps, and its fine-tuning recipe (800 steps: at 400 the
-# all-labels reference fell below one case, 0.494 against 0.581) validated once, at the end (a
-# quarter of the pre-training and a validation at 400 too took 60 min 6 s end to end), one
-# labelled case x two seeds for every start and scratch at all labels as the reference, in
+# all-labels reference fell below one case, 0.494 against 0.581) validated once, at the end, one
+# labelled case x two seeds for every start and scratch at all labels, seed 0, as the reference
+# (a quarter of the pre-training, a validation at 400 and the reference at both seeds took
+# 60 min 6 s end to end, and with only the first two changed 59 min 48 s), in
 # bfloat16 where the CPU computes it natively (a fine-tuning step in 0.54 of the float32 time;
 # one case 0.675, all labels 0.889 at 800 steps). docs/results/i35/2026-12-07-laptop-costs.md.
 _CPU = PROFILES["cpu"]

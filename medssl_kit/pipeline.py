@@ -113,8 +113,9 @@ class PipelineConfig:
     labeled: list[int | float | str] | None = None
     seeds: list[int] | None = None
     steps: int | None = None  # pre-training steps; None: the profile's budget
-    # budgets scratch runs besides ``labeled``; None: the profile's reference budgets when
-    # ``labeled`` is the profile's, none when it was given
+    # budgets scratch runs besides ``labeled``, at the first seed (a mark of what the data
+    # allows, not a compared arm); None: the profile's reference budgets when ``labeled`` is the
+    # profile's, none when it was given
     reference: list[int | float | str] | None = None
 
     def resolved(self) -> PipelineConfig:
@@ -163,14 +164,16 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[Stage]:
         stages.append(Stage(f"pretrain-{method}", notebook, params))
         inits[method] = str(run_dir)
     for method, init in inits.items():
-        extra = [b for b in cfg.reference if b not in cfg.labeled] if method == "scratch" else []
         params = {
             **common,
             "init": init,
-            "labeled": cfg.labeled + extra,
+            "labeled": cfg.labeled,
             "seeds": cfg.seeds,
             "out_dir": str(out / "finetune" / method),
         }
+        extra = [b for b in cfg.reference if b not in cfg.labeled] if method == "scratch" else []
+        if extra:
+            params["reference"] = extra
         stages.append(Stage(f"finetune-{method}", "20_finetune.ipynb", params))
     compare = {"profile": cfg.profile, "results_dirs": [str(out)], "out_dir": str(out)}
     stages.append(Stage("compare", "40_compare.ipynb", compare))

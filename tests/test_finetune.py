@@ -84,6 +84,15 @@ def test_budgets_selecting_the_same_cases_are_fine_tuned_once(tiny_phantom, tmp_
     with pytest.raises(MedsslError, match="exceeds the 3 labelled train cases"):
         run_budgets("scratch", manifest, cfg, tmp_path, [1, 4], [0], note=notes.append)
     assert len(calls) == 2  # nothing ran: every budget is checked before the first run
+    # reference budgets run at the first seed only, unless they select a compared budget's cases
+    calls.clear()
+    run_budgets("scratch", manifest, cfg, tmp_path, [1], [0, 1], reference=["all"])
+    assert calls == [(1, 0, "labeled-1_seed-0"), (1, 1, "labeled-1_seed-1")] + [
+        ("all", 0, "labeled-all_seed-0")
+    ]
+    calls.clear()
+    run_budgets("scratch", manifest, cfg, tmp_path, [3], [0, 1], reference=["all"], note=print)
+    assert calls == [(3, 0, "labeled-3_seed-0"), (3, 1, "labeled-3_seed-1")]
 
 
 def test_training_on_the_pretrain_split_labels(tiny_phantom, tmp_path):

@@ -288,11 +288,14 @@ def test_the_laptop_profile_compares_every_method_at_one_case_with_scratchs_refe
     from medssl_kit.methods.registry import available_methods
 
     assert {f"pretrain-{m}" for m in available_methods()} <= set(stages)  # every method
-    assert stages["finetune-scratch"].parameters["labeled"] == [1, "all"]  # the reference
+    scratch = stages["finetune-scratch"].parameters
+    assert (scratch["labeled"], scratch["reference"]) == ([1], ["all"])  # the reference, seed 0
     assert stages["finetune-simsiam"].parameters["labeled"] == [1]
     assert stages["finetune-simsiam"].parameters["seeds"] == [0, 1]
     given = {s.name: s for s in plan(PipelineConfig(profile="laptop", labeled=[2]), tmp_path)}
     assert given["finetune-scratch"].parameters["labeled"] == [2]  # asked for: no reference
+    assert "reference" not in given["finetune-scratch"].parameters
+    check_parameters(list(stages.values()))  # 20_finetune declares ``reference``
     # the methods' cpu recipes at a fifth of their pre-training steps, the cpu fine-tuning
     # recipe (800 steps: at 400 all labels fell below one case)
     for method in ("pixel_global", "simsiam", "mixcl"):

@@ -53,7 +53,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -387,10 +387,13 @@ def run_budgets(
     budgets: list[int | float | str],
     seeds: list[int],
     *,
+    reference: Sequence[int | float | str] = (),
     progress: bool = False,
     note: Callable[[str], None] = print,
 ) -> list[FinetuneResult]:
-    """Fine-tune once per budget × seed into ``out_dir/labeled-<b>_seed-<s>``.
+    """Fine-tune once per budget × seed into ``out_dir/labeled-<b>_seed-<s>``, then each
+    ``reference`` budget (e.g. the pipeline's all-labels mark of what the data allows) at the
+    first seed only.
 
     Budgets that select the same number of labelled cases (:func:`label_budget_cases`; e.g. 1
     and "all" when the manifest has one labelled training case) select the same cases for a seed,
@@ -399,9 +402,9 @@ def run_budgets(
     back, not repeated; one with a checkpoint but no summary (killed) is resumed.
     """
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    counts = label_budget_cases(manifest, list(budgets), cfg.train_split)
+    counts = label_budget_cases(manifest, [*budgets, *reference], cfg.train_split)
     kept: dict[int, list[int | float | str]] = {}
-    for budget in dict.fromkeys(budgets):
+    for budget in dict.fromkeys([*budgets, *reference]):
         kept.setdefault(counts[budget], []).append(budget)
     for n, same in kept.items():
         if len(same) > 1:
@@ -413,7 +416,7 @@ def run_budgets(
             )
     results = []
     for budget in (same[0] for same in kept.values()):
-        for seed in seeds:
+        for seed in seeds if budget in budgets else seeds[:1]:
             run = Path(out_dir) / f"labeled-{budget}_seed-{seed}"
             if (run / "summary.json").is_file():
                 results.append(read_finetune_run(run))
