@@ -91,8 +91,12 @@ def test_budgets_selecting_the_same_cases_are_fine_tuned_once(tiny_phantom, tmp_
         ("all", 0, "labeled-all_seed-0")
     ]
     calls.clear()
-    run_budgets("scratch", manifest, cfg, tmp_path, [3], [0, 1], reference=["all"], note=print)
+    notes.clear()
+    run_budgets(
+        "scratch", manifest, cfg, tmp_path, [3], [0, 1], reference=["all"], note=notes.append
+    )
     assert calls == [(3, 0, "labeled-3_seed-0"), (3, 1, "labeled-3_seed-1")]
+    assert notes and "3 and 'all' both select 3" in notes[0]
 
 
 def test_training_on_the_pretrain_split_labels(tiny_phantom, tmp_path):

@@ -402,9 +402,10 @@ def run_budgets(
     back, not repeated; one with a checkpoint but no summary (killed) is resumed.
     """
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    counts = label_budget_cases(manifest, [*budgets, *reference], cfg.train_split)
+    wanted = [*budgets, *reference]
+    counts = label_budget_cases(manifest, wanted, cfg.train_split)
     kept: dict[int, list[int | float | str]] = {}
-    for budget in dict.fromkeys([*budgets, *reference]):
+    for budget in dict.fromkeys(wanted):
         kept.setdefault(counts[budget], []).append(budget)
     for n, same in kept.items():
         if len(same) > 1:
