@@ -533,5 +533,19 @@ def test_pass_decoder_is_decode_of_the_repeated_features(skips, dropout_levels):
             got = decode(passes)
             assert got.shape == (3 * passes, 4, 40, 36)
             torch.testing.assert_close(got, repeated, rtol=0, atol=1e-6)
+        # from a decoder pass's input to the first dropout layer: the same, without the
+        # blocks before it (which must not run again)
+        seen = []
+        hook = net.dropout_layers[0].register_forward_pre_hook(lambda _, i: seen.append(i[0]))
+        net.decode(feats)
+        hook.remove()
+        ran = []
+        hooks = [b.register_forward_hook(lambda *_: ran.append(1)) for b in net.decoder]
+        got = net.pass_decoder(feats, shared=seen[0])(2)
+        for hook in hooks:
+            hook.remove()
+        repeated = net.decode([f.repeat(2, 1, 1, 1) for f in feats])[0][-1]
+        torch.testing.assert_close(got, repeated, rtol=0, atol=1e-6)
+        assert ran == []  # blocks are only called whole before the first dropout
     with pytest.raises(ValueError, match="encoder features"):
         net.pass_decoder(feats[1:])

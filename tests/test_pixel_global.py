@@ -15,6 +15,7 @@ from medssl_kit.errors import MedsslError
 from medssl_kit.losses import pixel_global as L
 from medssl_kit.methods.pixel_global import ABLATIONS, PixelGlobal, teacher_momentum
 from medssl_kit.methods.registry import get_method
+from medssl_kit.models.base import RecordedBatchStatistics
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import FinetuneConfig, finetune
@@ -340,6 +341,47 @@ def test_uncertainty_passes_normalise_as_the_target_pass_so_without_dropout_they
     )
 
 
+@pytest.mark.parametrize("dropout_levels", [None, 1])
+def test_forwards_passes_start_from_the_target_pass_and_give_the_full_recomputations_u(
+    dropout_levels, monkeypatch
+):
+    # forward hands the passes the target pass's input to the first dropout layer and notes
+    # batch statistics only for the layers after it; U must equal the passes run from the
+    # encoder features with every layer's statistics noted (the plain recipe), with dropout on.
+    method = make_method(dropout=0.3, dropout_levels=dropout_levels).train()
+    batch = method.make_batch([{"image": x} for x in images(3)], torch.Generator().manual_seed(4))
+    real_u, seen = PixelGlobal.teacher_uncertainty, {}
+
+    def spy(self, feats, seed, chunk=None, norm_stats=None, shared=None):
+        seen.update(feats=feats, seed=seed, norm_stats=norm_stats, shared=shared)
+        seen["u"] = real_u(self, feats, seed, chunk, norm_stats, shared)
+        return seen["u"]
+
+    monkeypatch.setattr(PixelGlobal, "teacher_uncertainty", spy)
+    method(batch, 0)
+    assert seen["shared"] is not None
+    teacher, n2 = method.teacher, batch["views"].shape[0]
+    full = RecordedBatchStatistics(teacher)
+    with torch.no_grad():
+        enc = teacher["backbone"].encode(torch.cat([batch["views"], batch["stab_views"]]))
+        with full.recording():
+            teacher["pixel_head"](teacher["backbone"].decode(enc)[0][-1])
+    plain = real_u(method, [f[:n2] for f in enc], seen["seed"], norm_stats=full)
+    torch.testing.assert_close(seen["u"], plain, rtol=0, atol=1e-5)
+    assert seen["u"].std() > 0.01  # the passes do disagree
+    # only the layers the passes run were noted: those after the first dropout, the pixel
+    # head's included; not the norm before it nor the blocks before its block
+    noted, every = set(seen["norm_stats"].stats), set(full.stats)
+    blocks = list(teacher["backbone"].decoder)
+    start = 0 if dropout_levels is None else len(blocks) - dropout_levels
+    before = [blocks[start].convs.conv_0.adn.N]
+    before += [m for b in blocks[:start] for m in b.modules() if m in every]
+    assert len(before) == 1 + 2 * start and all(m in every for m in before)
+    assert not noted & set(before)
+    assert noted == every - set(before)  # the rest: what the passes run, the head's norm too
+    assert teacher["pixel_head"].net[1] in noted
+
+
 def test_uncertainty_grows_with_the_dropout_that_makes_passes_disagree():
     x = torch.stack(images(2, size=32))
     means = []
@@ -449,8 +491,15 @@ def test_ablation_switches_remove_exactly_their_terms(ablation, monkeypatch):
         calls["uncertainty"] += 1
         return real_u(self, *args, **kwargs)
 
+    noted, real_record = [], RecordedBatchStatistics._record
+
+    def spy_record(self, module, inputs):
+        noted.append(module)
+        return real_record(self, module, inputs)
+
     monkeypatch.setattr(L, "local_consistency_loss", spy_local)
     monkeypatch.setattr(PixelGlobal, "teacher_uncertainty", spy_u)
+    monkeypatch.setattr(RecordedBatchStatistics, "_record", spy_record)
     switches = ABLATIONS[ablation]
     method = make_method(**switches).train()
     batch = method.make_batch([{"image": x} for x in images(2)], torch.Generator().manual_seed(0))
@@ -468,6 +517,7 @@ def test_ablation_switches_remove_exactly_their_terms(ablation, monkeypatch):
         assert ("mean_uncertainty" in terms) == switches["uncertainty"]
         assert torch.isclose(terms["loss"], terms["global"] + terms["local"])
     assert calls["uncertainty"] == int(switches["uncertainty"])
+    assert bool(noted) == switches["uncertainty"]  # statistics are noted only for the passes
     if ablation == "GP":
         assert torch.isclose(terms["local"], terms["pixel"])  # plain eq. 4 mean
     if ablation == "Ours":

@@ -91,10 +91,14 @@ Choices the paper leaves open (or gets wrong), and why
   statistics; so the passes differ from the targets by their dropout masks alone (with dropout
   off they reproduce the targets). Before, the passes ran with running statistics while the
   targets used batch statistics, and early in training the two agreed on the top prototype for
-  only 11–28 % of pixels: ``1 − U`` tracked that mismatch. Efficiency: the teacher encoder runs
-  once (its features from the main teacher pass); only the decoder and pixel head are repeated, on
-  the features repeated along the batch axis, ``mc_chunk`` passes per call (``None``: all 20 in
-  one call), under ``no_grad``; the replayed statistics make any chunking equal. Dropout masks
+  only 11–28 % of pixels: ``1 − U`` tracked that mismatch. Efficiency: with a backbone that has
+  ``pass_decoder`` (``unet``) nothing before the first dropout layer runs again: the passes
+  start from the input the target pass gave that layer (captured with a forward pre-hook),
+  statistics are noted only for the batch-norm layers after it, and only the rest of the
+  decoder and the pixel head are repeated (other backbones repeat the whole decoder on the
+  encoder features), ``mc_chunk`` passes per call (``None``: all in one call), under
+  ``no_grad``; the replayed statistics make any chunking equal. Without the uncertainty
+  weighting nothing is noted. Dropout masks
   are drawn explicitly, from one generator per pass seeded from the batch (forward hooks on the
   decoder's ``nn.Dropout`` layers, which otherwise stay off): any chunking gives the same ``U``
   as a loop of single passes, results are reproducible, and the global RNG is untouched. The
@@ -106,8 +110,10 @@ Choices the paper leaves open (or gets wrong), and why
   decoder made a ``cpu`` step ×2.85–3.12 the step without uncertainty (benchmarks/RESULTS.md).
   The CPU profiles therefore put the dropout in the last decoder block only (``dropout_levels=1``,
   as UA-MT, the paper's ref. 23, drops out just before its output layer), so everything before it
-  runs once for all passes (``UNet.pass_decoder``), and take 8 passes: ×1.24 (20 passes with
-  last-block dropout alone: ×2.37). Measured on the trained Ours run's teacher
+  runs once for all passes (``UNet.pass_decoder``), and take 8 passes: ×1.24–1.67 in pairs of
+  one benchmark run (20 passes with last-block dropout alone: ×2.37); since the passes start
+  from the target pass's activations, ×1.35–1.63, median ×1.39 over four pairs of 40 steps
+  (benchmarks/RESULTS.md, 2026-12-07). Measured on the trained Ours run's teacher
   (benchmarks/bench_mc_uncertainty.py, 32 test slices): this ``U`` correlates with the paper's
   estimate (every level, 20 passes) at r = 0.972, mean |ΔU| 0.036 for a mean ``U`` of 0.44
   (two draws of the paper's estimate: r = 0.999, 0.005). The ``gpu`` profile keeps the paper's
@@ -149,8 +155,8 @@ Choices the paper leaves open (or gets wrong), and why
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -271,6 +277,20 @@ class _PassDropout:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+@contextmanager
+def _inputs_of(layer: nn.Module | None) -> Iterator[list[Tensor]]:
+    """Copies of the inputs ``layer`` is called with inside the block (none for ``None``)."""
+    seen: list[Tensor] = []
+    if layer is None:
+        yield seen
+        return
+    handle = layer.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 class PixelGlobal(PretrainMethod):
@@ -475,9 +495,18 @@ class PixelGlobal(PretrainMethod):
             return terms
 
         s_pix = self.pixel_head(student.decode(s_enc)[0][-1])
-        # the uncertainty passes normalise as this target pass does (its batch statistics)
-        norm_stats = RecordedBatchStatistics(teacher) if teacher.training else None
-        with torch.no_grad(), norm_stats.recording() if norm_stats else nullcontext():
+        # The uncertainty passes start from this target pass's input to the first dropout layer
+        # and normalise as it does (its batch statistics, noted for the layers after that one).
+        uncertain = self.uses_uncertainty
+        start = self._pass_start() if uncertain else None
+        norm_stats = None
+        if uncertain and teacher.training:
+            norm_stats = RecordedBatchStatistics(teacher, after=start)
+        with (
+            torch.no_grad(),
+            norm_stats.recording() if norm_stats else nullcontext(),
+            _inputs_of(start) as shared,
+        ):
             t_pix = teacher["pixel_head"](teacher["backbone"].decode(t_enc)[0][-1])
         with torch.no_grad():
             t_probs = L.teacher_probs(t_pix, self.center_pixel, cfg["pixel_teacher_temp"])
@@ -493,9 +522,12 @@ class PixelGlobal(PretrainMethod):
         if "stab_views" in batch:
             stabilizer = self._matched_discrepancy(s_pix[n2:], t_probs[n2:][partner], grid)
         uncertainty = None
-        if self.uses_uncertainty:
+        if uncertain:
             own = self.teacher_uncertainty(
-                [f[:n2] for f in t_enc], int(batch["mc_seed"]), norm_stats=norm_stats
+                [f[:n2] for f in t_enc],
+                int(batch["mc_seed"]),
+                norm_stats=norm_stats,
+                shared=shared[0][:n2] if shared else None,
             )
             uncertainty = _warp(own[partner][:, None], grid)[:, 0]
         terms["local"] = L.local_consistency_loss(
@@ -526,6 +558,7 @@ class PixelGlobal(PretrainMethod):
         seed: int,
         chunk: int | None = None,
         norm_stats: RecordedBatchStatistics | None = None,
+        shared: Tensor | None = None,
     ) -> Tensor:
         """Eq. 6's ``U [N, *S]`` on the teacher's own pixels, from its encoder features.
 
@@ -534,7 +567,9 @@ class PixelGlobal(PretrainMethod):
         given, else with the running statistics (eval mode). The encoder features are repeated
         along the batch axis so that ``chunk`` passes (default ``mc_chunk``, else all) run in
         one call. Pass ``t``'s dropout masks come from a generator seeded ``seed + t``, so the
-        result does not depend on ``chunk``. Returns the normalised predictive entropy of the
+        result does not depend on ``chunk``. ``shared``: the input of the first dropout layer
+        for these rows, from a pass that ran the decoder already (the backbone's
+        ``pass_decoder`` then starts there). Returns the normalised predictive entropy of the
         mean distribution, or with ``uncertainty_measure="mutual_information"`` the passes'
         disagreement (:func:`~medssl_kit.losses.pixel_global.mutual_information`).
         """
@@ -547,11 +582,12 @@ class PixelGlobal(PretrainMethod):
         modes = [(m, m.training) for m in teacher.modules()]
         teacher.eval()
         masks = _PassDropout(teacher["backbone"].dropout_layers)
+        disagreement = self.cfg["uncertainty_measure"] == "mutual_information"
         total = torch.zeros(())
         entropy = torch.zeros(())
         try:
             with norm_stats.replaying() if norm_stats else nullcontext():
-                decode = self._pass_decoder(encoder_feats)
+                decode = self._pass_decoder(encoder_feats, shared)
                 for first in range(0, samples, chunk):
                     masks.generators = generators[first : first + chunk]
                     passes = len(masks.generators)
@@ -560,22 +596,31 @@ class PixelGlobal(PretrainMethod):
                         logits, self.center_pixel, self.cfg["pixel_teacher_temp"]
                     ).unflatten(0, (passes, n))
                     total = total + probs.sum(0)
-                    entropy = entropy - torch.special.xlogy(probs, probs).sum((0, 2))
+                    if disagreement:  # the passes' own entropies
+                        entropy = entropy - torch.special.xlogy(probs, probs).sum((0, 2))
         finally:
             masks.remove()
             for module, flag in modes:
                 module.training = flag
-        if self.cfg["uncertainty_measure"] == "mutual_information":
+        if disagreement:
             return L.mutual_information(total / samples, entropy / samples)
         return L.predictive_entropy(total / samples)
 
-    def _pass_decoder(self, encoder_feats: Sequence[Tensor]) -> Callable[[int], Tensor]:
+    def _pass_start(self) -> nn.Module | None:
+        """The teacher's first dropout layer where its backbone's ``pass_decoder`` can start
+        the passes there (else ``None``: every pass runs the whole decoder)."""
+        backbone = self.teacher["backbone"]
+        return backbone.dropout_layers[0] if hasattr(backbone, "pass_decoder") else None
+
+    def _pass_decoder(
+        self, encoder_feats: Sequence[Tensor], shared: Tensor | None = None
+    ) -> Callable[[int], Tensor]:
         """``passes → `` the teacher decoder's last map for that many repetitions of the
         features' rows (the backbone's ``pass_decoder`` where it has one: what every pass shares
-        is computed once)."""
+        is computed once, or taken from ``shared``)."""
         backbone = self.teacher["backbone"]
         if hasattr(backbone, "pass_decoder"):
-            return backbone.pass_decoder(encoder_feats)
+            return backbone.pass_decoder(encoder_feats, shared)
         return lambda passes: backbone.decode(
             [f.repeat(passes, *([1] * (f.ndim - 1))) for f in encoder_feats]
         )[0][-1]

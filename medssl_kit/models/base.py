@@ -176,20 +176,32 @@ class RecordedBatchStatistics:
     within :meth:`replaying` those layers run in eval mode with the noted values as their running
     statistics, so a replayed pass normalises every row exactly as the recorded pass did, and
     however its rows are batched. The layers' own buffers and modes are restored afterwards.
+    With ``after``, only the layers called after that module (in call order within the
+    recording) are noted: those a replayed pass starting there runs.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, after: nn.Module | None = None) -> None:
         self.layers = [m for m in module.modules() if isinstance(m, _BATCH_NORM_TYPES)]
+        self.after = after
         self.stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        self._armed = after is None
 
     def _record(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if not self._armed:
+            return
         x = inputs[0].detach().float()  # in float32, as the layer's own statistics (amp)
         dims = [0, *range(2, x.ndim)]
         self.stats[module] = (x.mean(dims), x.var(dims, unbiased=False))
 
+    def _arm(self, *_: Any) -> None:
+        self._armed = True
+
     @contextmanager
     def recording(self) -> Iterator[None]:
+        self._armed = self.after is None
         handles = [m.register_forward_pre_hook(self._record) for m in self.layers]
+        if self.after is not None:
+            handles.append(self.after.register_forward_hook(self._arm))
         try:
             yield
         finally:

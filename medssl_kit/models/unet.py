@@ -248,7 +248,9 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
             decoded.append(x)
         return decoded, self.head(x)
 
-    def pass_decoder(self, encoder_feats: Sequence[Tensor]) -> Callable[[int], Tensor]:
+    def pass_decoder(
+        self, encoder_feats: Sequence[Tensor], shared: Tensor | None = None
+    ) -> Callable[[int], Tensor]:
         """For Monte-Carlo dropout, where only the decoder's dropout makes passes differ: what
         is the same in every pass, computed once, and a function ``passes → [passes · N, C, *S]``,
         the last decoder map of that many repetitions of the features' rows (pass-major), as
@@ -260,6 +262,11 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
         of ``[skip, up]`` is one of ``skip`` plus one of ``up``), so skip features are never
         copied. The function may be called many times (a chunk of passes per call). Equal to
         ``decode`` up to the order of floating-point sums.
+
+        ``shared``, where given, is that norm's output for these rows — the input of the first
+        dropout layer (``dropout_layers[0]``) — as a pass that already ran the decoder computed
+        it (e.g. captured with a forward pre-hook on that layer); the blocks before it are then
+        not run again.
         """
         if len(encoder_feats) != self.n_levels:
             raise ValueError(
@@ -269,15 +276,19 @@ class UNet(LevelStackMixin, BackboneMixin, nn.Module):
         refs = [encoder_feats[self.n_levels - 2 - j] for j in range(len(blocks))]
         dropping = [any(isinstance(m, nn.Dropout) for m in b.modules()) for b in blocks]
         start = dropping.index(True) if any(dropping) else len(blocks)
-        x = encoder_feats[-1]
-        for block, ref in zip(blocks[:start], refs, strict=False):
-            x = block(x, ref if self.skips else None, ref.shape[2:])
         if start == len(blocks):  # no dropout anywhere: every pass is the same
+            x = self.decode(encoder_feats)[0][-1]
             return lambda passes: x.repeat(passes, *([1] * (x.ndim - 1)))
         block, ref = blocks[start], refs[start]
-        up = pad_to_match(block.upsample(x), ref.shape[2:])
         first = block.convs.conv_0
-        normed = first.adn.N(first.conv(torch.cat([ref, up], 1) if self.skips else up))
+        if shared is not None:
+            normed = shared
+        else:
+            x = encoder_feats[-1]
+            for earlier, earlier_ref in zip(blocks[:start], refs, strict=False):
+                x = earlier(x, earlier_ref if self.skips else None, earlier_ref.shape[2:])
+            up = pad_to_match(block.upsample(x), ref.shape[2:])
+            normed = first.adn.N(first.conv(torch.cat([ref, up], 1) if self.skips else up))
         skip_parts = {}
         if self.skips:
             for j in range(start + 1, len(blocks)):
