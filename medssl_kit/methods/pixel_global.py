@@ -98,14 +98,14 @@ Choices the paper leaves open (or gets wrong), and why
   decoder and the pixel head are repeated (other backbones repeat the whole decoder on the
   encoder features), ``mc_chunk`` passes per call (``None``: all in one call), under
   ``no_grad``; the replayed statistics make any chunking equal. Without the uncertainty
-  weighting nothing is noted. Dropout masks
-  are drawn explicitly, from one generator per pass seeded from the batch (forward hooks on the
-  decoder's ``nn.Dropout`` layers, which otherwise stay off): any chunking gives the same ``U``
-  as a loop of single passes, results are reproducible, and the global RNG is untouched. The
-  ``gpu`` profile batches all passes in one call; the CPU profiles use ``mc_chunk=1`` (each call
-  still batches the ``2B`` views): on one CPU core at the ``cpu`` profile (16 views of 96²) one
-  call of all 20 passes took 8–12 s against 2.6–3.6 s for 20 calls of one pass, because the 20×
-  larger activations (~0.4 GB each) fall out of cache and memory traffic dominates.
+  weighting nothing is noted. Dropout masks are drawn explicitly, from one generator per pass
+  seeded from the batch (forward hooks on the decoder's ``nn.Dropout`` layers, which otherwise
+  stay off): any chunking gives the same ``U`` as a loop of single passes, results are
+  reproducible, and the global RNG is untouched. The ``gpu`` profile batches all passes in one
+  call; the CPU profiles use ``mc_chunk=1`` (each call still batches the ``2B`` views): on one
+  CPU core at the ``cpu`` profile (16 views of 96²) one call of all 20 passes took 8–12 s
+  against 2.6–3.6 s for 20 calls of one pass, because the 20× larger activations (~0.4 GB each)
+  fall out of cache and memory traffic dominates.
 - **The CPU profiles' cheaper estimate** (:data:`CPU_MC`). Even so, 20 passes through the whole
   decoder made a ``cpu`` step ×2.85–3.12 the step without uncertainty (benchmarks/RESULTS.md).
   The CPU profiles therefore put the dropout in the last decoder block only (``dropout_levels=1``,
