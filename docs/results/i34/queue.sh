@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 34 §4: the runs behind docs/results.md "vox2vec and hierarchical dense SSL on the FPN".
 # Two jobs side by side at one thread each (2 cores); a job whose summary.json exists is skipped,
-# a fine-tuning job waits for its pre-training; the list runs in order (pre-training, probes,
-# ablation pre-training, fine-tuning at one case, the ablation's probes, fine-tuning at two).
+# a killed one resumes from its checkpoint, a fine-tuning job waits for its pre-training; the
+# list runs in order (pre-training, probes, ablation pre-training, fine-tuning at one case, the
+# ablation's probes, fine-tuning at two).
 # Run from the repository root:
 #     bash docs/results/i34/queue.sh
 set -u
@@ -17,7 +18,8 @@ job() {  # job OUT_DIR WAIT_FOR_RUN_OR_- medssl-arguments...
     if [ "$dep" != - ]; then while [ ! -f "$dep/summary.json" ]; do sleep 20; done; fi
     mkdir -p "$(dirname "$out")"
     local rc
-    { echo "start $(date -u +%FT%TZ) $*"; "$MEDSSL" "$@" --out "$out"; rc=$?; echo "end $(date -u +%FT%TZ) rc $rc"; } \
+    # --resume: a run killed at a stop continues from its checkpoint (a new folder starts afresh)
+    { echo "start $(date -u +%FT%TZ) $*"; "$MEDSSL" "$@" --out "$out" --resume; rc=$?; echo "end $(date -u +%FT%TZ) rc $rc"; } \
         > "$out.log" 2>&1
 }
 export -f job
