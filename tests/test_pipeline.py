@@ -168,10 +168,10 @@ def test_medssl_run_smoke_end_to_end(tiny_phantom, tmp_path, capsys):
         pretrained = tmp_path / "direct" / "simsiam"
         cfg = PretrainConfig(method="simsiam", profile="smoke", seed=0, dims=2)
         run_pretraining(cfg, manifest, pretrained, progress=False)
-        tuning = FinetuneConfig(profile="smoke", labeled=1, seed=0)
+        tuning, data = FinetuneConfig(profile="smoke", labeled=1, seed=0), load_manifest(manifest)
         for init, source in (("scratch", "scratch"), ("simsiam", str(pretrained))):
             again = tmp_path / "direct" / f"finetune-{init}"
-            finetune(source, load_manifest(manifest), tuning, again)
+            finetune(source, data, tuning, again)
             ran = out / "finetune" / init / "labeled-1_seed-0" / "results.csv"
             assert filecmp.cmp(again / "results.csv", ran, shallow=False), init
     finally:
