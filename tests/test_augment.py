@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -174,6 +175,31 @@ def test_local_pixel_shuffle_permutes_within_blocks(shape: tuple[int, ...]) -> N
     inside = (slice(None), *box.slices)
     assert torch.equal(single[inside].flatten().sort().values, x[inside].flatten().sort().values)
     assert torch.equal(single[:, ~union_mask(shape, [box])], x[:, ~union_mask(shape, [box])])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_pixel_shuffle_moves_voxels_only_within_fixed_size_blocks(shape) -> None:
+    x = unique_image(shape)
+    size = [max(1, int(n * 0.2)) for n in shape]
+    out = augment.block_pixel_shuffle(x, gen(4), n_blocks=40, fraction=0.2)
+    torch.testing.assert_close(out[1], 2 * out[0])  # channels move together
+    # where each voxel's value came from, by the unique values of x
+    where = {float(v): i for i, v in enumerate(x[0].flatten())}
+    source = torch.tensor([where[float(v)] for v in out[0].flatten()])
+    coords = torch.stack(torch.unravel_index(torch.arange(source.numel()), shape), -1)
+    moved = torch.stack(torch.unravel_index(source, shape), -1)
+    assert ((coords - moved).abs() < torch.tensor(size)).all()  # never further than a block
+    assert 0 < (source != torch.arange(source.numel())).sum() < source.numel()
+    # one block: a permutation of exactly one box of the fixed size, nothing else touched
+    single = augment.block_pixel_shuffle(x, gen(5), n_blocks=1, fraction=0.2)
+    changed = (single[0] != x[0]).nonzero()
+    span = changed.max(0).values - changed.min(0).values + 1
+    assert (span <= torch.tensor(size)).all() and len(changed) > 0.5 * math.prod(size)
+    lo, hi = changed.min(0).values, changed.max(0).values + 1
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    assert torch.equal(single[0][box].flatten().sort().values, x[0][box].flatten().sort().values)
+    # blocks of one voxel change nothing
+    assert torch.equal(augment.block_pixel_shuffle(x, gen(6), fraction=0.01), x)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -18,7 +18,12 @@ from medssl_kit.data.io import CaseVolume
 from medssl_kit.data.manifest import load_manifest
 from medssl_kit.errors import MedsslError
 from medssl_kit.losses.hierarchical_dense import hybrid_loss, voxel_info_nce
-from medssl_kit.methods.hierarchical_dense import HierarchicalDense, Vox2Vec, sample_pyramid
+from medssl_kit.methods.hierarchical_dense import (
+    HierarchicalDense,
+    Vox2Vec,
+    local_augmentation,
+    sample_pyramid,
+)
 from medssl_kit.models.registry import build_backbone
 from medssl_kit.train.checkpoint import load_checkpoint
 from medssl_kit.train.finetune import FinetuneConfig, build_model, finetune
@@ -137,6 +142,40 @@ def test_every_balanced_projection_gets_a_gradient_is_stepped_and_saved(tmp_path
 
 
 # --- runs -----------------------------------------------------------------------------------------
+
+
+# --- the local augmentation (§2.1) ---------------------------------------------------------------
+
+
+def test_local_augmentation_curve_keeps_the_intensity_order_as_the_public_code():
+    """The public code's Bézier curve is always increasing (both coordinates sorted): a voxel
+    brighter than another in the clean crop stays brighter in the augmented one. Models
+    Genesis reverses the curve half the time; ``invert_rate`` reproduces that on request."""
+    clean = torch.randperm(8 * 16 * 16).float().div(8 * 16 * 16 - 1).reshape(1, 8, 16, 16)
+    kept = clean.clone()
+    order = clean.flatten().argsort()
+    for seed in range(16):
+        gen = torch.Generator().manual_seed(seed)
+        out = local_augmentation(clean, gen, shuffle_rate=0.0, nonlinear_rate=1.0, inpaint_boxes=0)
+        assert not torch.equal(out, clean)
+        assert (out.flatten()[order].diff() >= 0).all(), f"seed {seed}: the curve was reversed"
+        gen = torch.Generator().manual_seed(seed)
+        flipped = local_augmentation(clean, gen, 0.0, 1.0, 0, invert_rate=1.0)
+        assert (flipped.flatten()[order].diff() <= 0).all()
+    torch.testing.assert_close(clean, kept, rtol=0, atol=0)
+    assert HierarchicalDense.defaults["invert_rate"] == 0.0
+
+
+def test_local_augmentation_shuffles_and_inpaints_in_place_of_the_crop():
+    clean = torch.rand(1, 32, 64, 64, generator=torch.Generator().manual_seed(0))
+    shuffled = local_augmentation(clean, torch.Generator().manual_seed(1), 1.0, 0.0, 0)
+    # the cpu crop: 5000 blocks of 1×3×3 voxels (1/20 of each side, rounded down), a quarter moves
+    assert 0.2 < (shuffled != clean).float().mean() < 0.34
+    painted = local_augmentation(clean, torch.Generator().manual_seed(1), 0.0, 0.0, 30)
+    changed = painted != clean
+    assert 0 < changed.float().mean() < 0.5  # some noise boxes, most of the crop kept
+    off = local_augmentation(clean, torch.Generator().manual_seed(1), 0.0, 0.0, 0)
+    assert torch.equal(off, clean) and off is not clean
 
 
 @pytest.mark.parametrize("name", ["vox2vec", "hierarchical_dense"])

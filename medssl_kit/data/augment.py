@@ -17,10 +17,11 @@ Two families:
   :func:`gamma`, :func:`contrast`, :func:`brightness`, :func:`nonlinear_intensity`); the view
   sampler (:mod:`medssl_kit.data.views`) builds its intensity augmentation from these;
 - local corruptions used by restoration pretext tasks (:func:`local_pixel_shuffle`,
-  :func:`inpaint`, :func:`outpaint`, :func:`cutout`, :func:`swap`), after Models Genesis
-  (Zhou et al., 2021), the hierarchical dense SSL paper and PCRLv2's 3D "swap" (after TorchIO's
-  ``RandomSwap``). Each draws its boxes first with :func:`random_boxes` from the generator, so a
-  generator in the same state reproduces the boxes (tests rely on this).
+  :func:`block_pixel_shuffle`, :func:`inpaint`, :func:`outpaint`, :func:`cutout`, :func:`swap`),
+  after Models Genesis (Zhou et al., 2021), the hierarchical dense SSL paper and PCRLv2's 3D
+  "swap" (after TorchIO's ``RandomSwap``). Each draws its boxes first from the generator (with
+  :func:`random_boxes`; :func:`block_pixel_shuffle` draws all starts at once), so a generator in
+  the same state reproduces the boxes (tests rely on this).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "Box",
+    "block_pixel_shuffle",
     "brightness",
     "contrast",
     "cutout",
@@ -296,6 +298,49 @@ def local_pixel_shuffle(
         perm = torch.randperm(block.shape[1], generator=generator).to(x.device)
         out[region] = block[:, perm].reshape(out[region].shape)
     return out
+
+
+def block_pixel_shuffle(
+    x: Tensor, generator: torch.Generator, n_blocks: int = 5000, fraction: float = 1 / 20
+) -> Tensor:
+    """Local pixel shuffling as the hierarchical dense SSL paper's public code does it.
+
+    ``n_blocks`` blocks of exactly ``max(1, ⌊n · fraction⌋)`` voxels along each axis of length
+    ``n`` (the public code: 5000 blocks of 1/20 of each side) at uniform random places; each
+    block's voxels are read from ``x``, permuted by the block's own random permutation and
+    written back block after block, so where blocks overlap the later block's values win (a
+    value may then repeat). All channels of a voxel move together; voxels outside every block
+    are untouched, and every voxel's value comes from inside a block that holds it. Unlike
+    :func:`local_pixel_shuffle` (Models Genesis: block sizes drawn from 1 voxel up), the block
+    size is fixed, so the blocks cover the same fraction of any crop; blocks of one voxel
+    change nothing and draw nothing.
+    """
+    shape = tuple(x.shape[1:])
+    size = [max(1, int(n * fraction)) for n in shape]
+    block = math.prod(size)
+    if block == 1:
+        return x.clone()
+    dev = generator.device
+    starts = torch.stack(
+        [
+            torch.randint(0, n - s + 1, (n_blocks,), generator=generator, device=dev)
+            for n, s in zip(shape, size, strict=True)
+        ],
+        -1,
+    )
+    offsets = torch.cartesian_prod(*[torch.arange(s, device=dev) for s in size])
+    strides = torch.tensor([math.prod(shape[i + 1 :]) for i in range(len(shape))], device=dev)
+    target = ((starts[:, None, :] + offsets.reshape(block, len(shape))) * strides).sum(-1)
+    perm = torch.rand(n_blocks, block, generator=generator, device=dev).argsort(1)
+    source = target.gather(1, perm).flatten()
+    target = target.flatten()
+    order = torch.arange(target.numel(), device=dev)
+    last = torch.full((math.prod(shape),), -1, device=dev).scatter_reduce(0, target, order, "amax")
+    keep = (last[target] == order).to(x.device)
+    flat = x.reshape(x.shape[0], -1)
+    out = flat.clone()
+    out[:, target.to(x.device)[keep]] = flat[:, source.to(x.device)[keep]]
+    return out.reshape(x.shape)
 
 
 def _uniform_noise_like(x: Tensor, generator: torch.Generator) -> Tensor:

@@ -45,11 +45,17 @@ Choices and deviations (with reasons)
   128×128×32 voxels at 1×1×2 mm. Every side must hold the coarsest level (``2**(n_levels-1)``).
 - **Coarse levels** are read by linear interpolation at the voxel's centre (the public code
   takes the coarse cell holding the voxel); the issue asks for trilinear reading.
-- **Local augmentation**: rates of the public code (shuffling 0.8, non-linear curve 0.9,
-  in-painting always with up to 30 boxes, each next with probability 0.95, of 1/10–1/5 of each
-  side); shuffled blocks per voxel and block size (1/20 of each side) as the public code's
-  5000 blocks per 128×128×32 patch. No other augmentation (vox2vec's global intensity
-  augmentation is left out, as the issue specifies).
+- **Local augmentation** as the public code: shuffling with probability 0.8 (5000 blocks of
+  exactly 1/20 of each side, rounded down; 1×3×3 voxels in the cpu profile's 32×64×64 crops,
+  where a quarter of the voxels change), a non-linear curve with 0.9, in-painting always with
+  up to 30 boxes, each next with probability 0.95, of 1/10–1/5 of each side. The public code's
+  curve is always increasing (it sorts both coordinates of the Bézier samples). Until
+  2026-12-07 this method took Models Genesis' transforms unchanged: the curve reversed half the
+  time (a voxel bright in one crop could be dark in the other; ``invert_rate=0.5`` brings that
+  back) and shuffle blocks of 1 voxel up to 1/20 of each side, 1250 of them in the cpu crop
+  (about 4% of it); with those the InfoNCE stayed near chance at the cpu budget
+  (docs/results.md). No other augmentation (vox2vec's global intensity augmentation is left
+  out, as the issue specifies).
 - **Projector**: one MLP over both crops' voxels (its batch norm sees both).
 - **Optimisation**: Adam 3e-4, constant rate, gradient clipping at norm 1.0; 3D batches of 2
   pairs on CPU (the papers: 10 pairs on a GPU).
@@ -87,10 +93,11 @@ SETTINGS: dict[str, Any] = {
     "body_threshold": 0.05,
     "shuffle_rate": 0.8,
     "nonlinear_rate": 0.9,
+    "invert_rate": 0.0,
     "inpaint_boxes": 30,
 }
-# The public code shuffles 5000 blocks of 1/20 of each side per 128×128×32 patch.
-SHUFFLE_BLOCKS_PER_VOXEL = 5000 / (128 * 128 * 32)
+# The public code shuffles 5000 blocks of 1/20 of each side (rounded down) of its patch.
+SHUFFLE_BLOCKS = 5000
 SHUFFLE_BLOCK_FRACTION = 1 / 20
 INPAINT_FRACTION = (1 / 10, 1 / 5)
 INPAINT_CONTINUE = 0.95
@@ -102,22 +109,22 @@ def local_augmentation(
     shuffle_rate: float = 0.8,
     nonlinear_rate: float = 0.9,
     inpaint_boxes: int = 30,
+    invert_rate: float = 0.0,
 ) -> Tensor:
     """The hierarchical paper's local augmentation of a crop ``[C, *S]`` in [0, 1] (§2.1).
 
-    With probability ``shuffle_rate`` local pixel shuffling, with ``nonlinear_rate`` a random
-    Bézier intensity curve, then in-painting of ``k`` noise boxes, ``k`` counting how many of
-    ``inpaint_boxes`` successive draws pass probability 0.95 (Models Genesis transforms of
-    :mod:`medssl_kit.data.augment`). ``clean`` is never modified.
+    With probability ``shuffle_rate`` local pixel shuffling (:func:`~medssl_kit.data.augment.
+    block_pixel_shuffle`: 5000 blocks of 1/20 of each side), with ``nonlinear_rate`` a random
+    Bézier intensity curve (increasing; reversed with probability ``invert_rate``), then
+    in-painting of ``k`` noise boxes, ``k`` counting how many of ``inpaint_boxes`` successive
+    draws pass probability 0.95 (Models Genesis transforms of :mod:`medssl_kit.data.augment`).
+    ``clean`` is never modified.
     """
     x = clean
     if uniform(generator, 0.0, 1.0) < shuffle_rate:
-        blocks = max(1, round(SHUFFLE_BLOCKS_PER_VOXEL * clean[0].numel()))
-        x = augment.local_pixel_shuffle(
-            x, generator, n_blocks=blocks, max_fraction=SHUFFLE_BLOCK_FRACTION
-        )
+        x = augment.block_pixel_shuffle(x, generator, SHUFFLE_BLOCKS, SHUFFLE_BLOCK_FRACTION)
     if uniform(generator, 0.0, 1.0) < nonlinear_rate:
-        x = augment.nonlinear_intensity(x, generator)
+        x = augment.nonlinear_intensity(x, generator, invert_prob=invert_rate)
     boxes = 0
     while boxes < inpaint_boxes and uniform(generator, 0.0, 1.0) < INPAINT_CONTINUE:
         boxes += 1
@@ -280,6 +287,7 @@ class HierarchicalDense(PretrainMethod):
             float(cfg["shuffle_rate"]),
             float(cfg["nonlinear_rate"]),
             int(cfg["inpaint_boxes"]),
+            float(cfg["invert_rate"]),
         )
 
     # --- the loss -----------------------------------------------------------------------------
