@@ -5,7 +5,7 @@
 # list runs in order (pre-training, probes, ablation pre-training and probes, fine-tuning at 1 and 2
 # labelled cases × 8 seeds with the remaining probe seeds among the first, at 4 and all × 3 seeds).
 # The *-mg runs in docs/results/i34 (hierarchical_dense-mg, vox2vec+aug-mg) were made before
-# b968bb7's successor changed the local augmentation to the public code's (see
+# 52b89d8 changed the local augmentation to the public code's (see
 # medssl_kit/methods/hierarchical_dense.py); they are records, not in this list.
 # Run from the repository root:
 #     bash docs/results/i34/queue.sh
