@@ -22,25 +22,37 @@ from paired_tables import comparison_table, copy_records  # noqa: E402
 ROOT = "docs/results" if "--records" in sys.argv else "runs"
 PROBE, FT = f"{ROOT}/i34/probe", f"{ROOT}/i34/ft"
 ALL = 8  # the phantom's train split: "all" labelled cases
+HD_MG = "hierarchical_dense-mg"  # made with Models Genesis' transforms, before 52b89d8
 
 
 def ablation() -> list[tuple[str, str, str | None]]:
     """The paper's Table 1 at the linear probe: one switch on top of vox2vec (same 185 steps),
-    and all three (hierarchical_dense, at its own 156-step budget)."""
+    and all three (hierarchical_dense, at its own 156-step budget); then the parts of the local
+    augmentation, and the runs made with Models Genesis' transforms before 52b89d8 (*-mg)."""
     v = f"{PROBE}/vox2vec"
+    parts = [
+        ("vox2vec + aug, the curve only, reversed half the time (MG)", "aug-inverting-curve-only"),
+        ("vox2vec + aug, shuffling + in-painting, no curve", "aug-no-curve"),
+        ("vox2vec + aug with Models Genesis' transforms (MG)", "aug-mg"),
+    ]
     return [
         ("vox2vec", v, None),
         *[(f"vox2vec + {k} against vox2vec", f"{v}+{k}", v) for k in ("aug", "arch", "recon")],
         ("all three (hierarchical_dense) against vox2vec", f"{PROBE}/hierarchical_dense", v),
+        *[(f"{label} against vox2vec", f"{v}+{k}", v) for label, k in parts],
+        ("hierarchical_dense, MG's transforms, against vox2vec", f"{PROBE}/{HD_MG}", v),
     ]
 
 
 def against(root: str, base: str) -> list[tuple[str, str, str | None]]:
+    hd, mg = f"{root}/hierarchical_dense", f"{root}/hierarchical_dense-mg"
     return [
         (base, f"{root}/{base}", None),
         (f"vox2vec against {base}", f"{root}/vox2vec", f"{root}/{base}"),
-        (f"hierarchical_dense against {base}", f"{root}/hierarchical_dense", f"{root}/{base}"),
-        ("hierarchical_dense against vox2vec", f"{root}/hierarchical_dense", f"{root}/vox2vec"),
+        (f"hierarchical_dense against {base}", hd, f"{root}/{base}"),
+        ("hierarchical_dense against vox2vec", hd, f"{root}/vox2vec"),
+        (f"hierarchical_dense with MG's transforms against {base}", mg, f"{root}/{base}"),
+        ("hierarchical_dense with MG's transforms against vox2vec", mg, f"{root}/vox2vec"),
     ]
 
 
