@@ -53,7 +53,7 @@ Choices and deviations (with reasons)
   2026-12-07 this method took Models Genesis' transforms unchanged: the curve reversed half the
   time (a voxel bright in one crop could be dark in the other; ``invert_rate=0.5`` brings that
   back) and shuffle blocks of 1 voxel up to 1/20 of each side, 1250 of them in the cpu crop
-  (about 4% of it); with those the InfoNCE stayed near chance at the cpu budget
+  (3% of its voxels changed); with those the InfoNCE stayed near chance at the cpu budget
   (docs/results.md). No other augmentation (vox2vec's global intensity augmentation is left
   out, as the issue specifies).
 - **Projector**: one MLP over both crops' voxels (its batch norm sees both).
