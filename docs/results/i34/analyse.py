@@ -13,6 +13,7 @@ run's results.csv / summary.json under docs/results/; ``--records`` reads the ta
 records instead of runs/ (run folders do not outlive a session).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -44,6 +45,20 @@ def ablation() -> list[tuple[str, str, str | None]]:
     ]
 
 
+def pretraining() -> list[str]:
+    """Each pre-training run's loss terms: the mean of its first and last 10 steps."""
+    out = ["| run | steps | InfoNCE, first → last 10 | MSE, first → last 10 |", "|---|---|---|---|"]
+    for f in sorted(Path(f"{ROOT}/i34/pretrain").glob("*/metrics.jsonl")):
+        rows = [r for r in map(json.loads, f.read_text().splitlines()) if "infonce" in r]
+
+        def mean(key: str, part: list[dict]) -> str:
+            return f"{sum(r[key] for r in part) / len(part):.3f}" if key in part[0] else "–"
+
+        terms = [f"{mean(k, rows[:10])} → {mean(k, rows[-10:])}" for k in ("infonce", "mse")]
+        out.append(f"| {f.parent.name} | {len(rows)} | {terms[0]} | {terms[1]} |")
+    return out
+
+
 def against(root: str, base: str) -> list[tuple[str, str, str | None]]:
     hd, mg = f"{root}/hierarchical_dense", f"{root}/hierarchical_dense-mg"
     return [
@@ -58,7 +73,9 @@ def against(root: str, base: str) -> list[tuple[str, str, str | None]]:
 
 if __name__ == "__main__":
     if "--copy" in sys.argv:
-        copy_records(["runs/i34"])
+        copy_records(["runs/i34"], extra=("pretrain/*/metrics.jsonl",))
+    print("\npre-training (loss terms):")
+    print("\n".join(pretraining()))
     print("\nlinear probe, all 8 labelled cases:")
     print("\n".join(comparison_table(against(PROBE, "random"), ALL)))
     print("\nablation (linear probe, all 8 labelled cases):")
