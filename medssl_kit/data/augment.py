@@ -307,12 +307,13 @@ def block_pixel_shuffle(
 
     ``n_blocks`` blocks of exactly ``max(1, ⌊n · fraction⌋)`` voxels along each axis of length
     ``n`` (the public code: 5000 blocks of 1/20 of each side) at uniform random places; each
-    block's voxels are read from ``x``, permuted by the block's own random permutation and
-    written back block after block, so where blocks overlap the later block's values win (a
-    value may then repeat). All channels of a voxel move together; voxels outside every block
-    are untouched, and every voxel's value comes from inside a block that holds it. Unlike
-    :func:`local_pixel_shuffle` (Models Genesis: block sizes drawn from 1 voxel up), the block
-    size is fixed, so the blocks cover the same fraction of any crop; blocks of one voxel
+    block's voxels are read from ``x``, permuted by the block's own random permutation (the
+    public code draws one permutation for all blocks) and written back block after block, so
+    where blocks overlap the later block's values win (a value may then repeat). All channels
+    of a voxel move together; voxels outside every block are untouched, and every voxel's value
+    comes from inside a block that holds it. Unlike :func:`local_pixel_shuffle` (Models
+    Genesis: block sizes drawn from 1 voxel up), the block size is fixed, so the blocks cover
+    the same fraction of any crop; blocks of one voxel
     change nothing and draw nothing.
     """
     shape = tuple(x.shape[1:])
