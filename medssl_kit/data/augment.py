@@ -313,8 +313,7 @@ def block_pixel_shuffle(
     of a voxel move together; voxels outside every block are untouched, and every voxel's value
     comes from inside a block that holds it. Unlike :func:`local_pixel_shuffle` (Models
     Genesis: block sizes drawn from 1 voxel up), the block size is fixed, so the blocks cover
-    the same fraction of any crop; blocks of one voxel
-    change nothing and draw nothing.
+    the same fraction of any crop; blocks of one voxel change nothing and draw nothing.
     """
     shape = tuple(x.shape[1:])
     size = [max(1, int(n * fraction)) for n in shape]
