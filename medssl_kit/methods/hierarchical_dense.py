@@ -113,8 +113,8 @@ def local_augmentation(
 ) -> Tensor:
     """The hierarchical paper's local augmentation of a crop ``[C, *S]`` in [0, 1] (§2.1).
 
-    With probability ``shuffle_rate`` local pixel shuffling (:func:`~medssl_kit.data.augment.
-    block_pixel_shuffle`: 5000 blocks of 1/20 of each side), with ``nonlinear_rate`` a random
+    With probability ``shuffle_rate`` local pixel shuffling (``augment.block_pixel_shuffle``:
+    5000 blocks of 1/20 of each side), with ``nonlinear_rate`` a random
     Bézier intensity curve (increasing; reversed with probability ``invert_rate``), then
     in-painting of ``k`` noise boxes, ``k`` counting how many of ``inpaint_boxes`` successive
     draws pass probability 0.95 (Models Genesis transforms of :mod:`medssl_kit.data.augment`).
