@@ -43,6 +43,7 @@ from typing import Any, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset
 
 from medssl_kit.config import get_profile
@@ -102,9 +103,48 @@ class Precision:
     dtype: torch.dtype | None
     scaler: bool
 
-    def autocast(self, device: torch.device) -> torch.autocast:
-        """The autocast context of a step (disabled without a ``dtype``)."""
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+    @contextmanager
+    def autocast(self, device: torch.device) -> Iterator[None]:
+        """The autocast context of a step (disabled without a ``dtype``); on the CPU in
+        bfloat16 with :class:`Depth2Conv3dInFloat32`."""
+        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            if device.type == "cpu" and self.dtype == torch.bfloat16:
+                with Depth2Conv3dInFloat32():
+                    yield
+            else:
+                yield
+
+
+class Depth2Conv3dInFloat32(TorchFunctionMode):
+    """Runs a 3D convolution whose input is two slices deep in float32 under CPU bfloat16
+    autocast, every other operation as autocast decides.
+
+    PyTorch's oneDNN bfloat16 convolution (torch 2.13, CPU) computes a wrong weight gradient
+    when a ``conv3d``'s input has depth 2: relative error 1 to 1e18 against float64, NaN in
+    about half the calls, on every call tried (3×3×3, stride 1; depths 1, 3, 4, strided and
+    transposed convolutions were right, as was float32). A 5-level U-Net or a 6-level FPN on a
+    32-slice patch has such a level, so a 3D run in bfloat16 on the CPU trained its deepest
+    layers on garbage. Those maps are small: float32 there costs nothing measurable
+    (``benchmarks/bench_cpu_bf16_conv3d.py``). Disabling oneDNN instead is right but ~130×
+    slower in bfloat16.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = args[0] if args else kwargs.get("input")
+        if func is torch.conv3d and inputs.dim() == 5 and inputs.shape[2] == 2:
+            with torch.autocast("cpu", enabled=False):
+                return func(
+                    *map(_in_float32, args), **{k: _in_float32(v) for k, v in kwargs.items()}
+                )
+        return func(*args, **kwargs)
+
+
+def _in_float32(value):
+    """``value`` in float32 where it is a floating-point tensor, else as it is."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    return value
 
 
 def precision(device: torch.device, amp: bool) -> Precision:
