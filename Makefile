@@ -30,7 +30,7 @@ run: $(VENV)/.installed-run
 ## test: unit tests, then every notebook under nbval at the smoke profile (their smoke run
 ## folders are removed first so that notebooks are tested, not their earlier results)
 test: $(VENV)/.installed-test
-	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests
+	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest --durations=15 tests
 	rm -rf runs/notebooks/*-smoke
 	MEDSSL_PROFILE=smoke OMP_NUM_THREADS=2 $(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
 
