@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paired_tables import comparison_table, copy_records  # noqa: E402
+from paired_tables import ORGANS, comparison_table, copy_records, frame  # noqa: E402
 
 ROOT = "docs/results" if "--records" in sys.argv else "runs"
 PROBE, FT = f"{ROOT}/i34/probe", f"{ROOT}/i34/ft"
@@ -71,6 +71,24 @@ def against(root: str, base: str) -> list[tuple[str, str, str | None]]:
     ]
 
 
+def organs(root: str, names: list[str], labeled: int) -> list[str]:
+    """Each start's organ Dice (mean over its seeds; liver / spleen / kidneys L, R / aorta /
+    vertebra) and organ HD95 (mm), at ``labeled`` cases."""
+    out = []
+    for name in names:
+        df = frame(f"{root}/{name}", name, labeled)
+        if df is None:
+            continue
+        df = df[df.class_id.isin(ORGANS)]
+        dice = df.groupby("class_id").dice.mean()
+        seeds = sorted(df.seed.unique())
+        out.append(
+            f"{name} (seeds {'/'.join(map(str, seeds))}): "
+            f"{' / '.join(f'{v:.2f}' for v in dice)}, HD95 {df.hd95.mean():.1f} mm"
+        )
+    return out
+
+
 if __name__ == "__main__":
     if "--copy" in sys.argv:
         copy_records(["runs/i34"], extra=("pretrain/*/metrics.jsonl",))
@@ -78,6 +96,8 @@ if __name__ == "__main__":
     print("\n".join(pretraining()))
     print("\nlinear probe, all 8 labelled cases:")
     print("\n".join(comparison_table(against(PROBE, "random"), ALL)))
+    starts = ["vox2vec", "hierarchical_dense", HD_MG]
+    print("\n".join(organs(PROBE, ["random", *starts], ALL)))
     print("\nablation (linear probe, all 8 labelled cases):")
     print("\n".join(comparison_table(ablation(), ALL)))
     for labeled in (1, 2, 4, ALL):
@@ -85,3 +105,4 @@ if __name__ == "__main__":
         if len(table) > 2:
             print(f"\nnon-linear fine-tuning, {labeled} labelled case(s):")
             print("\n".join(table))
+            print("\n".join(organs(FT, ["scratch", *starts], labeled)))
