@@ -3,7 +3,8 @@
 # Two jobs side by side at one thread each (2 cores); a job whose summary.json exists is skipped,
 # a killed one resumes from its checkpoint, a fine-tuning job waits for its pre-training; the
 # list runs in order (pre-training, probes, ablation pre-training and probes, fine-tuning at 1 and 2
-# labelled cases × 8 seeds with the remaining probe seeds among the first, at 4 and all × 3 seeds).
+# labelled cases × 8 seeds with the remaining probe seeds among the first, at 4 and all × 3 seeds;
+# then the longer pre-training test: 4x the budget, probes).
 # The *-mg runs in docs/results/i34 (hierarchical_dense-mg, vox2vec+aug-mg) were made before
 # 52b89d8 changed the local augmentation to the public code's (see
 # medssl_kit/methods/hierarchical_dense.py); they are records, not in this list.
@@ -68,5 +69,13 @@ list() {
             fi
         done
     done
+    # does the local augmentation pay after a longer pre-training? vox2vec, vox2vec + aug and
+    # hierarchical_dense at 4x their 10-minute budgets (740, 740, 624 steps), probe seeds 0, 1
+    for n in "vox2vec 740" "vox2vec+aug 740" "hierarchical_dense 624"; do
+        set -- $n
+        case $1 in vox2vec+aug) args="$pre";; *) args="pretrain --method $1 --manifest $M --profile cpu --seed 0";; esac
+        echo "$P/$1-x4 - $args --steps $2"
+    done
+    for n in vox2vec vox2vec+aug hierarchical_dense; do for s in 0 1; do probe $n-x4 $s; done; done
 }
 list | xargs -P 2 -L 1 bash -c 'job "$@"' _
