@@ -100,6 +100,26 @@ if __name__ == "__main__":
     print("\n".join(organs(PROBE, ["random", *starts], ALL)))
     print("\nablation (linear probe, all 8 labelled cases):")
     print("\n".join(comparison_table(ablation(), ALL)))
+    longer = comparison_table(
+        [
+            ("vox2vec, 4x steps", f"{PROBE}/vox2vec-x4", None),
+            (
+                "vox2vec + aug, 4x steps, against vox2vec 4x",
+                f"{PROBE}/vox2vec+aug-x4",
+                f"{PROBE}/vox2vec-x4",
+            ),
+            (
+                "hierarchical_dense, 4x steps, against vox2vec 4x",
+                f"{PROBE}/hierarchical_dense-x4",
+                f"{PROBE}/vox2vec-x4",
+            ),
+            ("vox2vec, 4x steps, against vox2vec", f"{PROBE}/vox2vec-x4", f"{PROBE}/vox2vec"),
+        ],
+        ALL,
+    )
+    if len(longer) > 2:
+        print("\nlonger pre-training (4x the budget), linear probe:")
+        print("\n".join(longer))
     for labeled in (1, 2, 4, ALL):
         table = comparison_table(against(FT, "scratch"), labeled)
         if len(table) > 2:
