@@ -440,7 +440,7 @@ def test_cpu_bfloat16_gives_conv3d_two_slices_deep_its_float32_weight_gradient(c
 
 
 def test_a_3d_run_in_cpu_bfloat16_is_deterministic(tiny_phantom_3d, tmp_path):
-    """The wrong depth-2 gradients were also different on every call (uninitialised memory):
+    """The wrong depth-2 gradients were also different on every call (torch 2.13, oneDNN):
     two 3D bfloat16 runs gave different second-step losses and, 1 call in 8, NaN."""
     cfg = PretrainConfig(method="models_genesis", profile="smoke", dims=3, steps=2, amp=True)
     losses = [
