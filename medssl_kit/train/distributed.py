@@ -131,13 +131,17 @@ class Depth2Conv3dInFloat32(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs = args[0] if args else kwargs.get("input")
-        if func is torch.conv3d and inputs.dim() == 5 and inputs.shape[2] == 2:
+        if func is torch.conv3d and _depth(args[0] if args else kwargs["input"]) == 2:
             with torch.autocast("cpu", enabled=False):
                 return func(
                     *map(_in_float32, args), **{k: _in_float32(v) for k, v in kwargs.items()}
                 )
         return func(*args, **kwargs)
+
+
+def _depth(x: torch.Tensor) -> int | None:
+    """The depth of a batched 3D input ``[N, C, D, H, W]`` (``None`` for an unbatched one)."""
+    return x.shape[2] if x.dim() == 5 else None
 
 
 def _in_float32(value):
