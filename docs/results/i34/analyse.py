@@ -113,7 +113,19 @@ if __name__ == "__main__":
                 f"{PROBE}/hierarchical_dense-x4",
                 f"{PROBE}/vox2vec-x4",
             ),
+            # what 4x the steps gave each: against its own run at the budget (the x4 run's
+            # first 185 / 156 steps are that run, step for step: same seed, constant rate)
             ("vox2vec, 4x steps, against vox2vec", f"{PROBE}/vox2vec-x4", f"{PROBE}/vox2vec"),
+            (
+                "vox2vec + aug, 4x steps, against vox2vec + aug",
+                f"{PROBE}/vox2vec+aug-x4",
+                f"{PROBE}/vox2vec+aug",
+            ),
+            (
+                "hierarchical_dense, 4x steps, against hierarchical_dense",
+                f"{PROBE}/hierarchical_dense-x4",
+                f"{PROBE}/hierarchical_dense",
+            ),
         ],
         ALL,
     )
