@@ -132,6 +132,8 @@ if __name__ == "__main__":
     if len(longer) > 2:
         print("\nlonger pre-training (4x the budget), linear probe:")
         print("\n".join(longer))
+        x4 = ["vox2vec-x4", "vox2vec+aug-x4", "hierarchical_dense-x4"]
+        print("\n".join(organs(PROBE, x4, ALL)))
     for labeled in (1, 2, 4, ALL):
         table = comparison_table(against(FT, "scratch"), labeled)
         if len(table) > 2:
