@@ -35,13 +35,14 @@ export -f job
 export M MEDSSL
 
 P=runs/i34/pretrain
+pre="pretrain --method vox2vec --manifest $M --profile cpu --seed 0 --set aug=true"  # vox2vec + aug
 probe() {  # probe NAME SEED: the linear probe of runs/i34/pretrain/NAME (random: a random FPN)
     if [ $1 = random ]; then src=scratch dep=-; else src=$P/$1 dep=$P/$1; fi
     echo "runs/i34/probe/$1/labeled-all_seed-$2 $dep finetune --init $src --backbone fpn --dims 3 --mode linear --labeled all --manifest $M --profile cpu --seed $2"
 }
 longer() {  # does the local augmentation pay after a longer pre-training? vox2vec, vox2vec + aug
     # and hierarchical_dense at 4x their 10-minute budgets (740, 740, 624 steps), probe seeds 0, 1
-    local n s args pre="pretrain --method vox2vec --manifest $M --profile cpu --seed 0 --set aug=true"
+    local n s args
     for n in "vox2vec 740" "vox2vec+aug 740" "hierarchical_dense 624"; do
         set -- $n
         case $1 in vox2vec+aug) args="$pre";; *) args="pretrain --method $1 --manifest $M --profile cpu --seed 0";; esac
@@ -50,7 +51,6 @@ longer() {  # does the local augmentation pay after a longer pre-training? vox2v
     for n in vox2vec vox2vec+aug hierarchical_dense; do for s in 0 1; do probe $n-x4 $s; done; done
 }
 list() {
-    local pre="pretrain --method vox2vec --manifest $M --profile cpu --seed 0 --set aug=true"
     echo "$P/vox2vec - pretrain --method vox2vec --manifest $M --profile cpu --seed 0"
     echo "$P/hierarchical_dense - pretrain --method hierarchical_dense --manifest $M --profile cpu --seed 0"
     for s in 0 1; do for init in random vox2vec; do probe $init $s; done; done
